@@ -1,0 +1,135 @@
+"""Shared utilities: base directory, process-0 logging, compute dtype, device and process info.
+
+Mirrors the job of nanochat's `nanochat/common.py`, written for JAX: the distributed runtime is
+`jax.distributed`, and "rank" means `jax.process_index()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+logger = logging.getLogger("jaxchat")
+
+
+def get_base_dir() -> str:
+    """Directory that holds tokenizer, shards, checkpoints, runs and reports.
+
+    `$JAXCHAT_BASE_DIR` if set, else `~/.cache/jaxchat`. Created if missing.
+    """
+    base = os.environ.get("JAXCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "jaxchat")
+    os.makedirs(base, exist_ok=True)
+    return base
+
+
+def is_main_process() -> bool:
+    """True on JAX process 0 (the only process that logs, writes reports and TensorBoard events)."""
+    try:
+        return jax.process_index() == 0
+    except Exception:  # backend not initialised yet; fall back to launcher env
+        return int(os.environ.get("JAX_PROCESS_ID", os.environ.get("RANK", "0"))) == 0
+
+
+def print0(*args, **kwargs) -> None:
+    """`print` on process 0 only (flushes, so progress shows under pipes and nohup)."""
+    if is_main_process():
+        kwargs.setdefault("flush", True)
+        print(*args, **kwargs)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Log to stderr on process 0; other processes log warnings and errors only."""
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(level if is_main_process() else logging.WARNING)
+
+
+def compute_dtype() -> jnp.dtype:
+    """dtype for matmuls and activations (master weights stay float32).
+
+    As nanochat's `COMPUTE_DTYPE`: `$JAXCHAT_DTYPE` (float32, bfloat16 or float16) wins; otherwise bfloat16
+    on GPU/TPU and float32 on CPU (CPU bfloat16 matmuls are slow and imprecise).
+
+    Raises:
+        ValueError: `$JAXCHAT_DTYPE` names another dtype.
+    """
+    env = os.environ.get("JAXCHAT_DTYPE")
+    if env:
+        table = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+                 "float16": jnp.float16, "fp16": jnp.float16}
+        if env.lower() not in table:
+            raise ValueError(f"JAXCHAT_DTYPE={env!r}: expected one of float32, bfloat16, float16")
+        return jnp.dtype(table[env.lower()])
+    return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+
+
+def maybe_init_distributed() -> None:
+    """Call `jax.distributed.initialize()` when the environment describes a multi-process job.
+
+    Triggers on `JAX_COORDINATOR_ADDRESS` (with `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`), or on a SLURM /
+    Open MPI launch that JAX auto-detects (`SLURM_NTASKS` > 1, `OMPI_COMM_WORLD_SIZE` > 1). A no-op for a
+    single process and when already initialised.
+    """
+    if getattr(maybe_init_distributed, "_done", False):
+        return
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize(
+            coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(env.get("JAX_NUM_PROCESSES", "1")),
+            process_id=int(env.get("JAX_PROCESS_ID", "0")),
+        )
+    elif int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        jax.distributed.initialize()
+    maybe_init_distributed._done = True
+
+
+def get_dist_info() -> tuple[int, int, int, int]:
+    """(process_index, process_count, local_device_count, device_count) of the JAX runtime."""
+    return jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count()
+
+
+def device_kind() -> str:
+    """Name of the first device, e.g. 'NVIDIA H100 80GB HBM3' or 'cpu'."""
+    return jax.devices()[0].device_kind
+
+
+# Peak dense bf16 matmul throughput (FLOP/s) per device, for MFU; as nanochat's `get_peak_flops` table.
+_PEAK_FLOPS = [
+    ("h200", 989e12), ("h100", 989e12), ("h800", 989e12), ("b200", 2250e12), ("gb200", 2500e12),
+    ("a100", 312e12), ("a10g", 125e12), ("l40s", 362e12), ("l4", 121e12), ("4090", 165e12),
+    ("3090", 71e12), ("v100", 125e12), ("tpu v5p", 459e12), ("tpu v5e", 197e12), ("tpu v5 lite", 197e12),
+    ("tpu v4", 275e12), ("tpu v6", 918e12),
+]
+
+# Peak memory bandwidth (bytes/s) per device, for MBU in the inference benchmark.
+_PEAK_BANDWIDTH = [
+    ("h200", 4.8e12), ("h100 nvl", 3.9e12), ("h100 pcie", 2.0e12), ("h100", 3.35e12), ("a100", 2.0e12),
+    ("b200", 8.0e12), ("l40s", 0.864e12), ("4090", 1.0e12), ("tpu v5p", 2.76e12), ("tpu v5e", 0.82e12),
+]
+
+
+def _lookup(table, kind: str) -> float | None:
+    kind = kind.lower()
+    for key, value in table:
+        if key in kind:
+            return value
+    return None
+
+
+def get_peak_flops(kind: str | None = None) -> float:
+    """Peak bf16 FLOP/s of one device of this kind; `inf` when unknown (MFU then reads 0, never a lie)."""
+    value = _lookup(_PEAK_FLOPS, kind or device_kind())
+    return float("inf") if value is None else value
+
+
+def get_peak_bandwidth(kind: str | None = None) -> float | None:
+    """Peak HBM bandwidth in bytes/s of one device of this kind, or None when unknown (e.g. CPU)."""
+    return _lookup(_PEAK_BANDWIDTH, kind or device_kind())

@@ -1,0 +1,432 @@
+"""The GPT: pure functions over a params pytree, computing what nanochat's `GPT` computes.
+
+Source of every fact here: nanochat `nanochat/gpt.py` (commit 5019acc). Features: rotary embeddings (no learned
+positions), QK RMSNorm, grouped-query attention, a per-layer sliding-window pattern, value embeddings with an
+input-dependent gate on alternating layers (ResFormer), relu² MLP, weightless RMSNorm, per-layer residual and x0
+scalars, smear (previous-token mixing), backout (subtract the mid-layer residual), an untied head over a padded
+vocabulary, and a logit softcap.
+
+Parameters are a nested dict of float32 arrays. Matrices keep nanochat's (out_features, in_features) layout, so that
+checkpoints convert without transposes and Muon's row/column conventions carry over unchanged:
+
+    {'wte': (Vp, C), 'lm_head': (Vp, C),
+     'value_embeds': {'<i>': (Vp, n_kv_head*head_dim)} for each layer i with a value embedding,
+     'h': [ {'attn': {'c_q': (H*D, C), 'c_k': (K*D, C), 'c_v': (K*D, C), 'c_proj': (C, C), ['ve_gate': (K, 12)]},
+             'mlp': {'c_fc': (4C, C), 'c_proj': (C, 4C)}} for each layer ],
+     'resid_lambdas': (L,), 'x0_lambdas': (L,), 'smear_gate': (1, 24), 'smear_lambda': (1,), 'backout_lambda': (1,)}
+
+Precision: master weights stay float32; matmuls and activations run in `jaxchat.common.compute_dtype()` (bfloat16 on
+GPU/TPU, float32 on CPU, `$JAXCHAT_DTYPE` overrides); logits and the loss are float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxchat.common import compute_dtype
+
+Params = dict[str, Any]
+KVCache = dict[str, jax.Array]
+
+VE_GATE_CHANNELS = 12  # the value-embedding gate reads the first 12 channels of the block input
+SMEAR_CHANNELS = 24  # the smear gate reads the first 24 channels of the embedding
+SOFTCAP = 15.0  # logits are squashed to (-15, 15)
+ROPE_BASE = 100_000.0
+QK_SCALE = 1.2  # q and k are each scaled after QK-norm: sharper attention
+PAD_VOCAB_TO = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """Model hyperparameters, with nanochat's field names and defaults (nanochat `GPTConfig`).
+
+    Frozen and hashable, so it can be a static argument of `jax.jit`.
+
+    Raises:
+        ValueError: naming the field, when the config cannot work (n_embd not divisible by n_head, n_head not a
+            multiple of n_kv_head, a window pattern with letters other than S and L, non-positive sizes).
+    """
+
+    sequence_len: int = 2048
+    vocab_size: int = 32768
+    n_layer: int = 12
+    n_head: int = 6  # query heads
+    n_kv_head: int = 6  # key/value heads (GQA when < n_head)
+    n_embd: int = 768
+    window_pattern: str = "SSSL"  # tiled over layers; the last layer is always L
+
+    def __post_init__(self):
+        for field in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"GPTConfig.{field} must be a positive int, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.n_kv_head > self.n_head or self.n_head % self.n_kv_head:
+            raise ValueError(f"GPTConfig.n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
+        if not self.window_pattern or any(c not in "SL" for c in self.window_pattern.upper()):
+            raise ValueError(f"GPTConfig.window_pattern={self.window_pattern!r} may contain only the letters S and L")
+        if self.n_embd < SMEAR_CHANNELS:
+            raise ValueError(f"GPTConfig.n_embd={self.n_embd} must be at least {SMEAR_CHANNELS} (the smear gate reads that many)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_head * self.head_dim
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Vocab rounded up to a multiple of 64 for the embedding and head (logits are cropped back)."""
+        return -(-self.vocab_size // PAD_VOCAB_TO) * PAD_VOCAB_TO
+
+    @property
+    def window_sizes(self) -> tuple[int, ...]:
+        """Per-layer left window w: query t attends keys s with 0 <= t - s <= w.
+
+        Long = sequence_len; short = ceil(sequence_len / 4 / 128) * 128 (FA3 tile size); the last layer is long.
+        """
+        long_w = self.sequence_len
+        short_w = -(-long_w // 4 // 128) * 128
+        pattern = self.window_pattern.upper()
+        sizes = [long_w if pattern[i % len(pattern)] == "L" else short_w for i in range(self.n_layer)]
+        sizes[-1] = long_w
+        return tuple(sizes)
+
+    def has_ve(self, layer: int) -> bool:
+        """Value embeddings on alternating layers, the last layer always included."""
+        return layer % 2 == (self.n_layer - 1) % 2
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        """Build from a dict (e.g. a checkpoint's `model_config`); unknown keys raise ValueError."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown GPTConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Initialisation
+
+
+def param_shapes(config: GPTConfig) -> Params:
+    """The params pytree with `jax.ShapeDtypeStruct` leaves (float32), without allocating anything."""
+    C, Vp, L = config.n_embd, config.padded_vocab_size, config.n_layer
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+    blocks = []
+    for i in range(L):
+        attn = {"c_q": f32(config.n_head * config.head_dim, C), "c_k": f32(config.kv_dim, C),
+                "c_v": f32(config.kv_dim, C), "c_proj": f32(C, C)}
+        if config.has_ve(i):
+            attn["ve_gate"] = f32(config.n_kv_head, VE_GATE_CHANNELS)
+        blocks.append({"attn": attn, "mlp": {"c_fc": f32(4 * C, C), "c_proj": f32(C, 4 * C)}})
+    return {
+        "wte": f32(Vp, C),
+        "lm_head": f32(Vp, C),
+        "value_embeds": {str(i): f32(Vp, config.kv_dim) for i in range(L) if config.has_ve(i)},
+        "h": blocks,
+        "resid_lambdas": f32(L),
+        "x0_lambdas": f32(L),
+        "smear_gate": f32(1, SMEAR_CHANNELS),
+        "smear_lambda": f32(1),
+        "backout_lambda": f32(1),
+    }
+
+
+def init_params(config: GPTConfig, key: jax.Array) -> Params:
+    """Fresh float32 parameters with nanochat's `init_weights()` distributions.
+
+    wte N(0, 0.8); lm_head N(0, 0.001); c_q/c_k/c_v and value embeddings U(-s, s) with s = sqrt(3/n_embd) (std
+    1/sqrt(n_embd)); c_fc U(-0.4s, 0.4s); both output projections zero; resid_lambdas 1.15 -> 1.05 and x0_lambdas
+    0.20 -> 0.05 linearly over layers; ve_gate U(0, 0.02); smear_gate U(0, 0.02), smear_lambda 0, backout_lambda 0.2
+    (as current nanochat initialises them explicitly).
+
+    Args:
+        config: the model config.
+        key: a `jax.random` key.
+    Returns:
+        the params pytree (see module docstring).
+    """
+    shapes = param_shapes(config)
+    C, L = config.n_embd, config.n_layer
+    s = math.sqrt(3.0) * C ** -0.5
+    keys = iter(jax.random.split(key, 64 + 8 * L))
+
+    def uniform(shape, lo, hi):
+        return jax.random.uniform(next(keys), shape.shape, jnp.float32, lo, hi)
+
+    def normal(shape, std):
+        return std * jax.random.normal(next(keys), shape.shape, jnp.float32)
+
+    blocks = []
+    for sh in shapes["h"]:
+        attn = {"c_q": uniform(sh["attn"]["c_q"], -s, s), "c_k": uniform(sh["attn"]["c_k"], -s, s),
+                "c_v": uniform(sh["attn"]["c_v"], -s, s), "c_proj": jnp.zeros(sh["attn"]["c_proj"].shape)}
+        if "ve_gate" in sh["attn"]:
+            attn["ve_gate"] = uniform(sh["attn"]["ve_gate"], 0.0, 0.02)
+        mlp = {"c_fc": uniform(sh["mlp"]["c_fc"], -0.4 * s, 0.4 * s), "c_proj": jnp.zeros(sh["mlp"]["c_proj"].shape)}
+        blocks.append({"attn": attn, "mlp": mlp})
+    frac = jnp.arange(L, dtype=jnp.float32) / max(L - 1, 1)
+    return {
+        "wte": normal(shapes["wte"], 0.8),
+        "lm_head": normal(shapes["lm_head"], 0.001),
+        "value_embeds": {k: uniform(v, -s, s) for k, v in shapes["value_embeds"].items()},
+        "h": blocks,
+        "resid_lambdas": 1.15 - 0.10 * frac,
+        "x0_lambdas": 0.20 - 0.15 * frac,
+        "smear_gate": uniform(shapes["smear_gate"], 0.0, 0.02),
+        "smear_lambda": jnp.zeros((1,), jnp.float32),
+        "backout_lambda": jnp.full((1,), 0.2, jnp.float32),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def rms_norm(x: jax.Array) -> jax.Array:
+    """Weightless RMSNorm over the last axis, eps = machine epsilon of x's dtype (as torch's F.rms_norm)."""
+    eps = jnp.finfo(x.dtype).eps
+    xf = x.astype(jnp.float32)
+    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def linear(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x @ w.T with w (out, in) cast to x's dtype (master weights stay float32)."""
+    return jnp.einsum("...i,oi->...o", x, w.astype(x.dtype))
+
+
+def rotary(positions: jax.Array, head_dim: int, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of shape positions.shape + (1, head_dim/2) for RoPE with base 100000, computed in float32."""
+    inv_freq = 1.0 / (ROPE_BASE ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(freqs)[..., None, :].astype(dtype), jnp.sin(freqs)[..., None, :].astype(dtype)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate the two halves of the head dim (not interleaved), with nanochat's sign convention.
+
+    x: (B, T, heads, D); cos, sin: broadcastable to (B, T, 1, D/2).
+    """
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return jnp.concatenate([x1 * cos + x2 * sin, x2 * cos - x1 * sin], axis=-1)
+
+
+def _smear(params: Params, x: jax.Array, x_prev: jax.Array, has_prev: jax.Array) -> jax.Array:
+    """x + smear_lambda * sigmoid(smear_gate(x[..., :24])) * x_prev where a previous token exists."""
+    gate = params["smear_lambda"].astype(x.dtype) * jax.nn.sigmoid(linear(x[..., :SMEAR_CHANNELS], params["smear_gate"]))
+    return x + jnp.where(has_prev[..., None], gate * x_prev, jnp.zeros_like(x))
+
+
+def _attention(block: Params, config: GPTConfig, x: jax.Array, ve: jax.Array | None, cos, sin, window: int,
+               layer_cache: tuple[jax.Array, jax.Array] | None, pos: jax.Array | None):
+    """One attention sublayer. Returns (y, updated (k_cache, v_cache) or None)."""
+    B, T, _ = x.shape
+    H, K, D = config.n_head, config.n_kv_head, config.head_dim
+    q = linear(x, block["c_q"]).reshape(B, T, H, D)
+    k = linear(x, block["c_k"]).reshape(B, T, K, D)
+    v = linear(x, block["c_v"]).reshape(B, T, K, D)
+    if ve is not None:  # value residual: input-dependent gate per kv head, range (0, 3)
+        gate = 3.0 * jax.nn.sigmoid(linear(x[..., :VE_GATE_CHANNELS], block["ve_gate"]))
+        v = v + gate[..., None] * ve.reshape(B, T, K, D)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    q, k = rms_norm(q) * QK_SCALE, rms_norm(k) * QK_SCALE
+
+    if layer_cache is None:
+        # Training / full-sequence: causal, plus a sliding window when it is shorter than the sequence.
+        local = (window, 0) if window < T - 1 else None
+        y = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local)
+        return linear(y.reshape(B, T, H * D), block["c_proj"]), None
+
+    # KV-cache path: write this chunk's k, v at each row's position, attend over the whole cache with a mask.
+    k_cache, v_cache = layer_cache
+    write = jax.vmap(lambda c, u, p: jax.lax.dynamic_update_slice(c, u, (p, 0, 0)))
+    k_cache = write(k_cache, k.astype(k_cache.dtype), pos)
+    v_cache = write(v_cache, v.astype(v_cache.dtype), pos)
+    q_pos = pos[:, None] + jnp.arange(T)  # (B, T)
+    k_pos = jnp.arange(k_cache.shape[1])  # (S,)
+    delta = q_pos[:, :, None] - k_pos[None, None, :]  # (B, T, S)
+    mask = (delta >= 0) & (delta <= window)
+    y = jax.nn.dot_product_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask=mask[:, None])
+    return linear(y.reshape(B, T, H * D), block["c_proj"]), (k_cache, v_cache)
+
+
+def _trunk(params: Params, config: GPTConfig, idx: jax.Array, kv_cache: KVCache | None = None,
+           valid_len: jax.Array | None = None):
+    """Embedding through final norm. Returns (hidden (B, T, C) in compute dtype, new kv_cache or None)."""
+    B, T = idx.shape
+    dtype = compute_dtype()
+    x = rms_norm(params["wte"].astype(dtype)[idx])
+
+    if kv_cache is None:
+        if T > config.sequence_len:
+            raise ValueError(f"sequence length T={T} exceeds GPTConfig.sequence_len={config.sequence_len}")
+        pos = None
+        positions = jnp.arange(T)[None, :]  # (1, T)
+        x_prev = jnp.concatenate([jnp.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
+        x = _smear(params, x, x_prev, positions > 0)
+        new_cache = None
+    else:
+        pos = kv_cache["pos"]
+        positions = pos[:, None] + jnp.arange(T)  # (B, T)
+        # The token before position 0 of this chunk is the last one of the previous call (kept in the cache).
+        x_prev = jnp.concatenate([kv_cache["prev_embd"].astype(x.dtype), x[:, :-1]], axis=1)
+        n_valid = jnp.full((B,), T, jnp.int32) if valid_len is None else valid_len.astype(jnp.int32)
+        last = jnp.take_along_axis(x, jnp.maximum(n_valid - 1, 0)[:, None, None], axis=1)  # (B, 1, C)
+        new_cache = {"pos": pos + n_valid, "prev_embd": last.astype(kv_cache["prev_embd"].dtype)}
+        x = _smear(params, x, x_prev, positions > 0)
+
+    cos, sin = rotary(positions, config.head_dim, dtype)
+    x0 = x
+    backout_layer = config.n_layer // 2
+    x_backout = None
+    new_k, new_v = [], []
+    for i, block in enumerate(params["h"]):
+        x = params["resid_lambdas"][i].astype(dtype) * x + params["x0_lambdas"][i].astype(dtype) * x0
+        ve = params["value_embeds"][str(i)].astype(dtype)[idx] if config.has_ve(i) else None
+        layer_cache = None if kv_cache is None else (kv_cache["k"][i], kv_cache["v"][i])
+        y, layer_cache = _attention(block["attn"], config, rms_norm(x), ve, cos, sin, config.window_sizes[i],
+                                    layer_cache, pos)
+        x = x + y
+        h = linear(rms_norm(x), block["mlp"]["c_fc"])
+        x = x + linear(jnp.square(jax.nn.relu(h)), block["mlp"]["c_proj"])
+        if layer_cache is not None:
+            new_k.append(layer_cache[0])
+            new_v.append(layer_cache[1])
+        if i == backout_layer:
+            x_backout = x
+    x = x - params["backout_lambda"].astype(dtype) * x_backout
+    x = rms_norm(x)
+    if new_cache is not None:
+        new_cache["k"], new_cache["v"] = jnp.stack(new_k), jnp.stack(new_v)
+    return x, new_cache
+
+
+def _logits(params: Params, config: GPTConfig, x: jax.Array) -> jax.Array:
+    """Head, crop the vocab padding, float32, softcap: 15 * tanh(z / 15)."""
+    logits = linear(x, params["lm_head"])[..., : config.vocab_size].astype(jnp.float32)
+    return SOFTCAP * jnp.tanh(logits / SOFTCAP)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def forward(params: Params, config: GPTConfig, idx: jax.Array, kv_cache: KVCache | None = None,
+            valid_len: jax.Array | None = None):
+    """Logits of the next token at every position (nanochat `GPT.forward` without targets).
+
+    Args:
+        params: the params pytree.
+        config: the model config (static under jit).
+        idx: int32 token ids (B, T); T <= sequence_len without a cache.
+        kv_cache: optional cache from `init_kv_cache`. Its 'pos' (B,) says how many tokens each row holds; idx is
+            written at positions pos .. pos+T-1 (the caller keeps pos + T <= max_len: writes past the end are clamped).
+        valid_len: optional int32 (B,): how many of the T tokens are real in a right-padded prefill. The new
+            'pos' is pos + valid_len and smear's previous embedding is taken at valid_len - 1. Default T.
+    Returns:
+        logits float32 (B, T, vocab_size), softcapped; with a cache, (logits, new_cache).
+    Raises:
+        ValueError: T > config.sequence_len without a cache.
+    """
+    x, new_cache = _trunk(params, config, idx, kv_cache, valid_len)
+    logits = _logits(params, config, x)
+    return logits if kv_cache is None else (logits, new_cache)
+
+
+def _token_losses(params: Params, config: GPTConfig, x: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-token cross-entropy (nats, float32) for hidden states x (N, C) and targets (N,); 0 where target == -1."""
+    logits = _logits(params, config, x)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    safe = jnp.where(targets < 0, 0, targets)
+    picked = jnp.take_along_axis(logits, safe[:, None], axis=-1)[:, 0]
+    return jnp.where(targets < 0, 0.0, logz - picked)
+
+
+def loss_fn(params: Params, config: GPTConfig, idx: jax.Array, targets: jax.Array, reduction: str = "mean",
+            loss_chunk_tokens: int | None = None) -> jax.Array:
+    """Cross-entropy of the next-token prediction (nanochat `GPT.forward` with targets).
+
+    The head and the softmax run over chunks of tokens under `jax.checkpoint`, so the (tokens, vocab) float32
+    logits never exist all at once, neither in the forward nor in the backward pass.
+
+    Args:
+        idx, targets: int32 (B, T); targets == -1 are ignored.
+        reduction: 'mean' (over valid targets; a scalar), 'sum' (scalar) or 'none' ((B, T) float32, 0 where ignored).
+        loss_chunk_tokens: tokens per chunk; default keeps a chunk's logits near 64 MiB.
+    Raises:
+        ValueError: an unknown reduction, or T > config.sequence_len.
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    x, _ = _trunk(params, config, idx)
+    B, T, C = x.shape
+    n = B * T
+    chunk = loss_chunk_tokens or max(1, (1 << 24) // config.padded_vocab_size)
+    if chunk >= n or n % chunk:
+        losses = _token_losses(params, config, x.reshape(n, C), targets.reshape(n))
+    else:
+        step = jax.checkpoint(lambda xc, tc: _token_losses(params, config, xc, tc))
+        losses = jax.lax.map(lambda a: step(*a), (x.reshape(n // chunk, chunk, C), targets.reshape(n // chunk, chunk)))
+    losses = losses.reshape(B, T)
+    if reduction == "none":
+        return losses
+    if reduction == "sum":
+        return losses.sum()
+    return losses.sum() / jnp.maximum((targets >= 0).sum(), 1)
+
+
+def init_kv_cache(config: GPTConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
+    """An empty KV cache with static shapes.
+
+    Returns a dict: 'k', 'v' (n_layer, batch_size, max_len, n_kv_head, head_dim) in `dtype` (default the compute
+    dtype); 'pos' (batch_size,) int32 zeros; 'prev_embd' (batch_size, 1, n_embd), the last token's normalised
+    embedding that smear needs when decoding.
+    """
+    dtype = dtype or compute_dtype()
+    shape = (config.n_layer, batch_size, max_len, config.n_kv_head, config.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "pos": jnp.zeros((batch_size,), jnp.int32),
+            "prev_embd": jnp.zeros((batch_size, 1, config.n_embd), dtype)}
+
+
+def num_scaling_params(config: GPTConfig) -> dict[str, int]:
+    """Parameter counts per group, as nanochat's `num_scaling_params` (wte, value_embeds, lm_head,
+    transformer_matrices, scalars, total)."""
+    shapes = param_shapes(config)
+    count = lambda tree: sum(math.prod(s.shape) for s in jax.tree_util.tree_leaves(tree))  # noqa: E731
+    out = {
+        "wte": count(shapes["wte"]),
+        "value_embeds": count(shapes["value_embeds"]),
+        "lm_head": count(shapes["lm_head"]),
+        "transformer_matrices": count(shapes["h"]),
+        "scalars": count([shapes[k] for k in ("resid_lambdas", "x0_lambdas", "smear_gate", "smear_lambda",
+                                             "backout_lambda")]),
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def estimate_flops(config: GPTConfig) -> int:
+    """Training FLOPs per token (forward + backward), nanochat's `estimate_flops`.
+
+    6 per matmul weight (embeddings and scalars excluded), plus 12 * n_head * head_dim * min(window, seq_len) per layer
+    for the attention scores and values.
+    """
+    counts = num_scaling_params(config)
+    matmul_params = counts["total"] - counts["wte"] - counts["value_embeds"] - counts["scalars"]
+    t = config.sequence_len
+    attn = sum(12 * config.n_head * config.head_dim * min(w, t) for w in config.window_sizes)
+    return 6 * matmul_params + attn

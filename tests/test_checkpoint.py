@@ -1,0 +1,106 @@
+"""Checkpoints: orbax round trip, nanochat import/export, the convert CLI on nanochat's real .pt file."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxchat import convert
+from jaxchat.checkpoint import (checkpoint_dir, from_nanochat, list_steps, load_model, save_checkpoint, save_model,
+                                to_nanochat)
+from jaxchat.model import GPTConfig, forward, init_params
+
+from conftest import NANOCHAT_TINY
+
+TINY = GPTConfig(sequence_len=256, vocab_size=256, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SL")
+ACTIVE = os.path.join(NANOCHAT_TINY, "active")
+
+
+def test_to_from_nanochat_round_trip_is_exact():
+    ref = dict(np.load(os.path.join(ACTIVE, "params.npz")))
+    back = to_nanochat(from_nanochat(ref, TINY), TINY)
+    assert set(back) == set(ref)
+    for k in ref:
+        assert back[k].dtype == np.float32 and np.array_equal(back[k], ref[k]), k
+
+
+def test_from_nanochat_names_missing_extra_and_misshaped_keys():
+    ref = dict(np.load(os.path.join(ACTIVE, "params.npz")))
+    missing = {k: v for k, v in ref.items() if k != "lm_head.weight"}
+    with pytest.raises(ValueError, match="lm_head.weight"):
+        from_nanochat(missing, TINY)
+    with pytest.raises(ValueError, match="bogus.weight"):
+        from_nanochat({**ref, "bogus.weight": np.zeros(3)}, TINY)
+    bad = {**ref, "transformer.h.0.mlp.c_fc.weight": np.zeros((3, 3), np.float32)}
+    with pytest.raises(ValueError, match="transformer.h.0.mlp.c_fc.weight"):
+        from_nanochat(bad, TINY)
+    # torch.compile's prefix is accepted
+    prefixed = {"_orig_mod." + k: v for k, v in ref.items()}
+    assert np.array_equal(np.asarray(from_nanochat(prefixed, TINY)["wte"]), ref["transformer.wte.weight"])
+
+
+def test_save_load_round_trip(tmp_path):
+    cfg = GPTConfig(sequence_len=32, vocab_size=100, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, window_pattern="L")
+    params = init_params(cfg, jax.random.PRNGKey(1))
+    save_model(str(tmp_path / "ck"), 5, params, cfg, {"val_bpb": 1.5})
+    save_model(str(tmp_path / "ck"), 9, jax.tree_util.tree_map(lambda a: a + 1, params), cfg)
+    assert list_steps(str(tmp_path / "ck")) == [5, 9]
+    config, loaded, meta = load_model(str(tmp_path / "ck"), step=5)
+    assert config == cfg and meta["val_bpb"] == 1.5 and meta["step"] == 5
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(loaded)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    _, newest, _ = load_model(str(tmp_path / "ck"))
+    assert np.array_equal(np.asarray(newest["wte"]), np.asarray(params["wte"]) + 1)
+    with pytest.raises(FileNotFoundError, match="available steps"):
+        load_model(str(tmp_path / "ck"), step=7)
+
+
+def test_missing_checkpoint_says_which_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train.pretrain"):
+        load_model(str(tmp_path / "nothing"))
+    with pytest.raises(FileNotFoundError, match="train.sft"):
+        checkpoint_dir("sft")
+
+
+def test_incomplete_save_is_ignored(tmp_path):
+    # orbax writes a step to a temporary directory and renames it when complete; a leftover tmp dir (a run
+    # killed mid-save) is not a step, and the previous step still loads.
+    cfg = GPTConfig(sequence_len=32, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32, window_pattern="L")
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    ck = str(tmp_path / "ck")
+    save_checkpoint(ck, 3, params, cfg)
+    shutil.copytree(os.path.join(ck, "3"), os.path.join(ck, "4.orbax-checkpoint-tmp-1234"))
+    assert list_steps(ck) == [3]
+    assert load_model(ck)[2]["step"] == 3
+
+
+def test_convert_cli_on_nanochat_checkpoint_and_back(tmp_path):
+    pytest.importorskip("torch", reason="nanochat .pt files need PyTorch (pip install -e '.[torch]')")
+    import torch
+
+    src = os.path.join(ACTIVE, "base_checkpoints", "d3")
+    dst = str(tmp_path / "jax")
+    convert.main([src, dst])
+    config, params, meta = load_model(dst)
+    assert config == TINY and meta["step"] == 0
+    io = np.load(os.path.join(ACTIVE, "io.npz"))
+    np.testing.assert_allclose(np.asarray(forward(params, config, jnp.asarray(io["idx"]))), io["logits"], atol=1e-4)
+
+    back = str(tmp_path / "nano")
+    convert.main([dst, back, "--to-nanochat"])
+    original = torch.load(os.path.join(src, "model_000000.pt"), map_location="cpu", weights_only=True)
+    written = torch.load(os.path.join(back, "model_000000.pt"), map_location="cpu", weights_only=True)
+    assert set(original) == set(written)
+    for k in original:
+        assert torch.equal(original[k].float(), written[k]), k
+    with open(os.path.join(back, "meta_000000.json")) as f:
+        assert json.load(f)["model_config"] == TINY.to_dict()
+
+
+def test_convert_reports_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model_"):
+        convert.read_nanochat(str(tmp_path))

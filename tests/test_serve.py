@@ -1,0 +1,500 @@
+"""Chat server (serve/app.py, serve/loadtest.py): API contract, limits, streaming, pool, disconnects.
+
+Engines are fakes that stream a scripted token list (byte tokens, so multi-byte characters really arrive split);
+the tokenizer is a real one trained in a fixture. One test drives the real Engine over a tiny random model.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import threading
+import time
+
+import pytest
+
+from serve import app as serve_app
+from serve.app import Defaults, Worker, WorkerPool, create_app, render_prompt, serve_in_thread
+from serve.loadtest import run_loadtest
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from jaxchat.tokenizer import Tokenizer
+
+    texts = ["hello world, the quick brown fox jumps over the lazy dog. " * 20, "héllo wörld 世界 😀 " * 10]
+    t = Tokenizer.train_from_iterator(texts, vocab_size=300)
+    # the fake engines below emit raw byte tokens: ids 0..255 must be the bytes themselves
+    assert all(t.id_to_bytes(i) == bytes([i]) for i in range(256))
+    return t
+
+
+class FakeEngine:
+    """Engine.generate's contract over a fixed script of token ids, `delay` seconds per token. `fail_at` raises
+    mid-stream; `closed` counts generators closed (normally or by GeneratorExit)."""
+
+    def __init__(self, script, delay=0.0, fail_at=None):
+        self.script, self.delay, self.fail_at = list(script), delay, fail_at
+        self.calls, self.closed = [], 0
+        self.started = threading.Event()
+
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
+        self.calls.append(dict(tokens=list(tokens), num_samples=num_samples, max_tokens=max_tokens,
+                               temperature=temperature, top_k=top_k, seed=seed))
+        self.started.set()
+        try:
+            for i, t in enumerate(self.script[:max_tokens]):
+                if self.delay:
+                    time.sleep(self.delay)
+                if i == self.fail_at:
+                    raise RuntimeError("device on fire")
+                yield [t], [1]
+        finally:
+            self.closed += 1
+
+
+def byte_ids(text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+
+def make(tok, script=None, n=1, max_queue=4, wait_timeout=10.0, defaults=None, **kw):
+    script = byte_ids("Hello there!") if script is None else script
+    engines = [FakeEngine(script, **kw) for _ in range(n)]
+    pool = WorkerPool([Worker(gpu=i, engine=e) for i, e in enumerate(engines)], max_queue=max_queue,
+                      wait_timeout=wait_timeout)
+    app = create_app(pool, tok, defaults or Defaults(model="fake/d0"))
+    return app, pool, engines
+
+
+def parse_events(data: bytes) -> list[dict]:
+    out = []
+    for block in data.decode("utf-8").split("\n\n"):
+        if block.strip():
+            assert block.startswith("data: "), block
+            out.append(json.loads(block[6:]))
+    return out
+
+
+def post(client, body, **kw):
+    return client.post("/chat/completions", json=body, **kw)
+
+
+def user(text="Hi"):
+    return {"messages": [{"role": "user", "content": text}]}
+
+
+def convo(n, length=1):
+    return [{"role": ("user", "assistant")[i % 2], "content": "x" * length} for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------------------- streaming
+
+def test_stream_tokens_and_prompt_rendering(tok):
+    app, pool, (eng,) = make(tok)
+    c = app.test_client()
+    msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi!"},
+            {"role": "user", "content": "the fox"}]
+    r = post(c, {"messages": msgs})
+    assert r.status_code == 200 and r.mimetype == "text/event-stream"
+    evs = parse_events(r.get_data())
+    assert evs[-1] == {"done": True}
+    assert "".join(e["token"] for e in evs[:-1]) == "Hello there!"
+    assert all(e["gpu"] == 0 for e in evs[:-1]) and len(evs) - 1 == len("Hello there!")
+    s = tok.encode_special
+    expected = ([tok.get_bos_token_id(), s("<|user_start|>"), *tok.encode("hello"), s("<|user_end|>"),
+                 s("<|assistant_start|>"), *tok.encode("hi!"), s("<|assistant_end|>"),
+                 s("<|user_start|>"), *tok.encode("the fox"), s("<|user_end|>"), s("<|assistant_start|>")])
+    assert eng.calls[0]["tokens"] == expected == render_prompt(tok, msgs)
+    # defaults as nanochat's chat_web: temperature 0.8, top-k 50, 512 tokens
+    assert (eng.calls[0]["temperature"], eng.calls[0]["top_k"], eng.calls[0]["max_tokens"]) == (0.8, 50, 512)
+    assert pool.available == 1
+
+
+def test_request_sampling_params_reach_engine(tok):
+    app, _, (eng,) = make(tok)
+    c = app.test_client()
+    evs = parse_events(post(c, {**user(), "temperature": 0, "top_k": 0, "max_tokens": 5}).get_data())
+    assert "".join(e.get("token", "") for e in evs) == "Hello"  # cut at max_tokens
+    call = eng.calls[0]
+    assert call["temperature"] == 0.0 and call["top_k"] is None and call["max_tokens"] == 5  # top_k 0 = all
+    assert call["num_samples"] == 1
+
+
+@pytest.mark.parametrize("stop", ["<|assistant_end|>", "<|bos|>"])
+def test_generation_stops_at_assistant_end_or_bos(tok, stop):
+    script = byte_ids("ok") + [tok.encode_special(stop)] + byte_ids("LEAKED")
+    app, pool, (eng,) = make(tok, script=script)
+    evs = parse_events(post(app.test_client(), user()).get_data())
+    assert "".join(e.get("token", "") for e in evs) == "ok" and evs[-1] == {"done": True}
+    assert eng.closed == 1 and pool.available == 1
+
+
+def test_multibyte_characters_arrive_whole(tok):
+    text = "héllo 😀 世界 ok"
+    app, _, _ = make(tok, script=byte_ids(text))
+    evs = parse_events(post(app.test_client(), user()).get_data())
+    pieces = [e["token"] for e in evs[:-1]]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert "😀" in pieces and "世" in pieces and "é" in pieces  # each sent as one event once its bytes completed
+    assert len(pieces) == len(text)
+
+
+def test_unicode_in_request(tok):
+    app, _, (eng,) = make(tok)
+    r = post(app.test_client(), user("Grüße 🌍 — 你好"))
+    assert r.status_code == 200
+    assert tok.decode(eng.calls[0]["tokens"]).count("Grüße 🌍 — 你好") == 1
+
+
+def test_engine_failure_midstream_reports_error_and_frees_worker(tok):
+    app, pool, (eng,) = make(tok, fail_at=3)
+    c = app.test_client()
+    evs = parse_events(post(c, user()).get_data())
+    assert "".join(e.get("token", "") for e in evs) == "Hel"
+    assert "error" in evs[-2] and evs[-1] == {"done": True}
+    assert pool.available == 1
+    eng.fail_at = None
+    assert post(c, user()).status_code == 200  # still serving
+
+
+# ------------------------------------------------------------------------------------------------------------ limits
+
+LIMIT_CASES = [
+    # (body changes, ok?)
+    ({"messages": convo(500)}, True),
+    ({"messages": convo(501)}, False),
+    ({"messages": [{"role": "user", "content": "é" * 8000}]}, True),  # characters, not bytes
+    ({"messages": [{"role": "user", "content": "x" * 8001}]}, False),
+    ({"messages": convo(4, 8000)}, True),  # 32000 in total
+    ({"messages": convo(4, 8000) + [{"role": "user", "content": "x"}]}, False),
+    ({"temperature": 0}, True), ({"temperature": 2}, True), ({"temperature": 2.0001}, False),
+    ({"temperature": -0.01}, False), ({"temperature": 1.5}, True),
+    ({"top_k": 0}, True), ({"top_k": 200}, True), ({"top_k": 201}, False), ({"top_k": -1}, False),
+    ({"max_tokens": 1}, True), ({"max_tokens": 4096}, True), ({"max_tokens": 0}, False),
+    ({"max_tokens": 4097}, False),
+    ({"temperature": None, "top_k": None, "max_tokens": None}, True),  # null = server default
+]
+
+
+@pytest.mark.parametrize("change,ok", LIMIT_CASES,
+                         ids=[f"{'ok' if ok else 'bad'}-{i}" for i, (_, ok) in enumerate(LIMIT_CASES)])
+def test_limits(tok, change, ok):
+    app, pool, (eng,) = make(tok, script=byte_ids("ok"))
+    r = post(app.test_client(), {**user(), **change})
+    if ok:
+        assert r.status_code == 200, r.get_json()
+        assert parse_events(r.get_data())[-1] == {"done": True}
+    else:
+        assert r.status_code == 400
+        assert isinstance(r.get_json()["error"], str) and r.get_json()["error"]
+        assert eng.calls == []  # refused before reaching the engine
+    assert pool.available == 1
+
+
+MALFORMED = [
+    ("not json", "invalid json {"),
+    ("list body", [1, 2]),
+    ("string body", "hello"),
+    ("no messages", {"temperature": 0.5}),
+    ("messages not list", {"messages": "hi"}),
+    ("empty messages", {"messages": []}),
+    ("message not object", {"messages": ["hi"]}),
+    ("content int", {"messages": [{"role": "user", "content": 5}]}),
+    ("content null", {"messages": [{"role": "user", "content": None}]}),
+    ("content parts list", {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}),
+    ("content empty", {"messages": [{"role": "user", "content": ""}]}),
+    ("no role", {"messages": [{"content": "hi"}]}),
+    ("system role", {"messages": [{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"}]}),
+    ("tool role", {"messages": [{"role": "tool", "content": "hi"}]}),
+    ("starts with assistant", {"messages": [{"role": "assistant", "content": "hi"}]}),
+    ("two users", {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}),
+    ("two assistants", {"messages": convo(2) + [{"role": "assistant", "content": "b"}]}),
+    ("temperature string", {**user(), "temperature": "0.5"}),
+    ("temperature bool", {**user(), "temperature": True}),
+    ("top_k float", {**user(), "top_k": 5.5}),
+    ("max_tokens string", {**user(), "max_tokens": "10"}),
+]
+
+
+@pytest.mark.parametrize("name,body", MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_bodies_get_400_json(tok, name, body):
+    app, pool, (eng,) = make(tok)
+    c = app.test_client()
+    if isinstance(body, str) and name == "not json":
+        r = c.post("/chat/completions", data=body, content_type="application/json")
+    else:
+        r = post(c, body)
+    assert r.status_code == 400 and r.is_json and r.get_json()["error"]
+    assert eng.calls == []
+    assert post(c, user()).status_code == 200  # the server keeps serving
+
+
+def test_wrong_content_type_nan_and_lone_surrogate(tok):
+    app, _, (eng,) = make(tok)
+    c = app.test_client()
+    r = c.post("/chat/completions", data=json.dumps(user()), content_type="text/plain")
+    assert r.status_code == 400 and "Content-Type" in r.get_json()["error"]
+    r = c.post("/chat/completions", data='{"messages":[{"role":"user","content":"hi"}],"temperature":NaN}',
+               content_type="application/json")
+    assert r.status_code == 400 and "temperature" in r.get_json()["error"]
+    r = c.post("/chat/completions", data='{"messages":[{"role":"user","content":"a\\ud800b"}]}',
+               content_type="application/json")
+    assert r.status_code == 400 and "Unicode" in r.get_json()["error"]
+    r = c.post("/chat/completions", data=b"x" * (serve_app.MAX_BODY_BYTES + 1), content_type="application/json")
+    assert r.status_code == 413 and r.is_json
+    assert c.get("/chat/completions").status_code == 405
+    assert c.get("/nope").get_json()["error"]
+    assert eng.calls == []
+    assert app.extensions["jaxchat_stats"].requests_invalid == 3
+
+
+def test_context_limit(tok):
+    app, _, (eng,) = make(tok, defaults=Defaults(max_context=40))
+    c = app.test_client()
+    assert post(c, user("x" * 100)).status_code == 400  # 100 byte-ish tokens > 40
+    r = post(c, {**user("hello"), "max_tokens": 4096})
+    assert r.status_code == 200
+    prompt_len = len(eng.calls[0]["tokens"])
+    assert eng.calls[0]["max_tokens"] == 40 - prompt_len  # cut to the room left
+
+
+# ------------------------------------------------------------------------------------------------- pool, 503, disconnect
+
+def test_saturated_pool_answers_503_with_retry_after(tok):
+    app, pool, _ = make(tok, n=1, max_queue=0)
+    c = app.test_client()
+    first = post(c, user(), buffered=False)  # holds the only worker until its stream is closed
+    assert first.status_code == 200 and pool.available == 0
+    busy = post(c, user())
+    assert busy.status_code == 503 and busy.headers["Retry-After"] == "5" and "busy" in busy.get_json()["error"]
+    assert c.get("/stats").get_json()["requests_rejected"] == 1
+    assert parse_events(first.get_data())[-1] == {"done": True}
+    first.close()
+    assert pool.available == 1 and post(c, user()).status_code == 200
+
+
+def test_bounded_wait_queue(tok):
+    app, pool, (eng,) = make(tok, n=1, max_queue=1)
+    c = app.test_client()
+    first = post(c, user(), buffered=False)  # the test client pulls one event; the stream stays suspended
+    results = {}
+    waiter = threading.Thread(target=lambda: results.setdefault("r", post(app.test_client(), user())))
+    waiter.start()
+    for _ in range(200):  # until the second request is waiting in line
+        if pool.waiting == 1:
+            break
+        time.sleep(0.01)
+    stats = c.get("/stats").get_json()
+    assert stats["queue"] == 1 and stats["busy"] == 1 and stats["available"] == 0
+    assert post(c, user()).status_code == 503  # 1 running + 1 waiting = full
+    assert parse_events(first.get_data())[-1] == {"done": True}
+    first.close()
+    waiter.join(10)
+    assert results["r"].status_code == 200 and parse_events(results["r"].get_data())[-1] == {"done": True}
+    assert pool.available == 1 and pool.waiting == 0
+
+
+def test_wait_timeout_gives_503(tok):
+    app, pool, _ = make(tok, n=1, max_queue=2, wait_timeout=0.2)
+    c = app.test_client()
+    first = post(c, user(), buffered=False)
+    r = post(c, user())
+    assert r.status_code == 503 and "Retry-After" in r.headers
+    first.close()
+    assert pool.available == 1 and pool.waiting == 0
+
+
+def test_closing_stream_midway_frees_worker(tok):
+    app, pool, (eng,) = make(tok, script=byte_ids("a long reply " * 50))
+    c = app.test_client()
+    r = post(c, user(), buffered=False)
+    it = iter(r.response)
+    first = parse_events(next(it))
+    assert first[0]["token"] == "a" and pool.available == 0
+    r.close()  # what the WSGI server does when the client goes away
+    assert pool.available == 1 and eng.closed == 1
+    s = c.get("/stats").get_json()
+    assert s["client_disconnects"] == 1 and s["requests_active"] == 0 and s["requests_served"] == 0
+
+
+def test_unstarted_stream_closed_frees_worker(tok):
+    from werkzeug.test import EnvironBuilder
+
+    app, pool, (eng,) = make(tok)
+    environ = EnvironBuilder(method="POST", path="/chat/completions", json=user()).get_environ()
+    app_iter = app(environ, lambda status, headers, exc_info=None: None)  # raw WSGI: nothing iterated yet
+    assert pool.available == 0 and eng.calls == []
+    app_iter.close()  # an unstarted generator skips its finally: close() itself must release the worker
+    assert pool.available == 1
+    assert app.extensions["jaxchat_stats"].snapshot()["requests_active"] == 0
+
+
+def test_socket_disconnect_frees_slot_on_real_server(tok):
+    app, pool, (eng,) = make(tok, script=byte_ids("z" * 3000), delay=0.003)
+    server, url = serve_in_thread(app)
+    try:
+        port = server.server_port
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("POST", "/chat/completions", body=json.dumps(user()), headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.readline().startswith(b"data: ")
+        assert pool.available == 0
+        resp.close()  # the response owns the socket (the server sends Connection: close): this hangs up
+        conn.close()
+        t0 = time.time()
+        while pool.available == 0 and time.time() - t0 < 8:
+            time.sleep(0.02)
+        assert pool.available == 1, "worker not released after client disconnect"
+        assert eng.closed == 1 and len(eng.calls) == 1
+        # it stopped early: far fewer than 3000 tokens counted
+        stats = json.loads(_get(port, "/stats"))
+        assert stats["client_disconnects"] == 1 and stats["tokens_generated"] < 3000
+    finally:
+        server.shutdown()
+
+
+def _get(port, path):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", path)
+    body = conn.getresponse().read()
+    conn.close()
+    return body
+
+
+# ------------------------------------------------------------------------------------------------ pages and counters
+
+def test_index_health_stats(tok):
+    app, _, _ = make(tok, n=2)
+    c = app.test_client()
+    page = c.get("/")
+    html = page.get_data(as_text=True)
+    assert page.status_code == 200 and page.mimetype == "text/html"
+    for needle in ('id="input"', 'id="send"', 'id="newChat"', "prefers-color-scheme", 'role="log"',
+                   "/chat/completions"):
+        assert needle in html
+    assert "http://" not in html and "https://" not in html and "<script src" not in html  # nothing external
+    h = c.get("/health").get_json()
+    assert h == {"status": "ok", "ready": True, "model": "fake/d0", "replicas": 2, "available": 2}
+    for _ in range(3):
+        post(c, user()).get_data()
+    s = c.get("/stats").get_json()
+    assert s["requests_served"] == 3 and s["requests_active"] == 0
+    assert s["tokens_generated"] == 3 * len("Hello there!") and s["tokens_per_sec"] > 0
+    assert s["queue"] == 0 and s["replicas"] == 2 and s["available"] == 2
+
+
+def test_logging_truncates_and_omits_headers(tok, caplog):
+    app, _, _ = make(tok)
+    caplog.set_level(logging.INFO, logger="jaxchat.serve")
+    body = user("START" + "x" * 1000 + "TAILMARK")
+    r = post(app.test_client(), body, headers={"Authorization": "Bearer sekrit-token", "Cookie": "sid=cookie-val"})
+    r.get_data()
+    text = caplog.text
+    assert "START" in text and "TAILMARK" not in text and "more chars" in text
+    assert "Hello there!" in text  # the reply is logged too
+    assert "sekrit" not in text and "cookie-val" not in text
+
+
+# ---------------------------------------------------------------------------------------------- concurrency, load
+
+def test_many_concurrent_clients_on_real_server(tok):
+    app, pool, engines = make(tok, n=4, max_queue=64, script=byte_ids("concurrent reply é😀"), delay=0.001)
+    server, url = serve_in_thread(app)
+    try:
+        summary = run_loadtest(url, concurrency=32, num_requests=64, duration=60, max_tokens=32, timeout=30)
+    finally:
+        server.shutdown()
+    assert summary["errors"] == 0 and summary["ok"] == 64 and summary["requests"] == 64, summary
+    assert summary["status_counts"] == {"200": 64}
+    assert summary["tokens"] == 64 * len("concurrent reply é😀")
+    assert summary["ttft_p50_s"] is not None and summary["ttft_p95_s"] >= summary["ttft_p50_s"]
+    assert sum(len(e.calls) for e in engines) == 64 and all(e.calls for e in engines)  # spread over replicas
+    assert pool.available == 4
+
+
+def test_loadtest_refuses_non_loopback():
+    for url in ("http://example.com:8000", "https://127.0.0.1:8000", "http://10.0.0.1"):
+        with pytest.raises(ValueError, match="loopback"):
+            run_loadtest(url)
+
+
+# ---------------------------------------------------------------------------------------------- CLI and replicas
+
+def test_cli_defaults_match_nanochat():
+    a = serve_app.build_parser().parse_args([])
+    assert (a.source, a.temperature, a.top_k, a.max_tokens, a.port, a.host, a.num_devices) == \
+        ("sft", 0.8, 50, 512, 8000, "127.0.0.1", 1)
+    a = serve_app.build_parser().parse_args(["-i", "base", "-t", "0.5", "-k", "10", "-m", "64", "-p", "9000",
+                                             "--model-tag", "d4", "--step", "7", "--num-devices", "2"])
+    assert (a.source, a.temperature, a.top_k, a.max_tokens, a.port, a.model_tag, a.step, a.num_devices) == \
+        ("base", 0.5, 10, 64, 9000, "d4", 7, 2)
+    with pytest.raises(SystemExit):
+        serve_app.build_parser().parse_args(["-i", "mid"])
+
+
+def test_build_workers_one_replica_per_device():
+    import jax
+    import jax.numpy as jnp
+
+    n = min(2, len(jax.devices()))
+
+    class Recorder:
+        def __init__(self, params, config, tokenizer):
+            self.params = params
+
+    params = {"w": jnp.ones((4, 4)), "h": [{"b": jnp.zeros(3)}]}
+    workers = serve_app.build_workers(params, None, None, n, engine_cls=Recorder)
+    assert [w.gpu for w in workers] == list(range(n))
+    for w, dev in zip(workers, jax.devices()[:n]):
+        assert w.device == dev
+        assert all(leaf.devices() == {dev} for leaf in jax.tree.leaves(w.engine.params))
+    with pytest.raises(ValueError, match="--num-devices"):
+        serve_app.build_workers(params, None, None, len(jax.devices()) + 1, engine_cls=Recorder)
+
+
+def test_main_rejects_out_of_range_defaults():
+    for argv in (["-t", "2.5"], ["-k", "201"], ["-m", "0"]):
+        with pytest.raises(SystemExit, match="must be in"):
+            serve_app.main(argv)
+
+
+def test_main_serves_a_real_checkpoint(tok, tmp_path, monkeypatch):
+    """`python -m serve.app` end to end minus the socket: a tiny random checkpoint saved with jaxchat.checkpoint,
+    loaded through load_model_from, the real Engine on two device replicas."""
+    import jax
+    import werkzeug.serving
+
+    from jaxchat.checkpoint import save_model
+    from jaxchat.model import GPTConfig, init_params
+
+    monkeypatch.setenv("JAXCHAT_BASE_DIR", str(tmp_path))
+    tok.save(str(tmp_path / "tokenizer"))
+    config = GPTConfig(sequence_len=64, vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2, n_kv_head=2,
+                       n_embd=32, window_pattern="L")
+    save_model(str(tmp_path / "chatsft_checkpoints" / "d1"), 3, init_params(config, jax.random.PRNGKey(0)), config)
+    served = {}
+    monkeypatch.setattr(werkzeug.serving, "run_simple", lambda host, port, app, **kw: served.update(
+        host=host, port=port, app=app, **kw))
+    n = min(2, len(jax.devices()))
+    serve_app.main(["-i", "sft", "-p", "8123", "--num-devices", str(n), "-m", "8"])
+    assert (served["host"], served["port"], served["threaded"]) == ("127.0.0.1", 8123, True)
+    c = served["app"].test_client()
+    assert c.get("/health").get_json() == {"status": "ok", "ready": True, "model": "sft/d1@3", "replicas": n,
+                                           "available": n}
+    replicas_used = set()
+    for _ in range(2):
+        r = post(c, {**user("hello world"), "temperature": 0.0})
+        assert r.status_code == 200
+        evs = parse_events(r.get_data())
+        assert evs[-1] == {"done": True} and not any("error" in e for e in evs), evs
+        assert all(isinstance(e["token"], str) and e["token"] for e in evs[:-1])
+        replicas_used |= {e["gpu"] for e in evs[:-1]}
+    stats = c.get("/stats").get_json()
+    assert stats["requests_served"] == 2 and stats["available"] == n and stats["tokens_generated"] <= 16
+    # greedy decoding of a random model either stops at once or emits tokens; when it emits, the pool's FIFO order
+    # sends the two requests to different replicas
+    if stats["tokens_generated"] and n == 2:
+        assert replicas_used == {0, 1}
+    assert post(c, user("x" * 200)).status_code == 400  # longer than the model's 64-token context

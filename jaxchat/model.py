@@ -22,6 +22,7 @@ GPU/TPU, float32 on CPU, `$JAXCHAT_DTYPE` overrides); logits and the loss are fl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -145,6 +146,7 @@ def param_shapes(config: GPTConfig) -> Params:
     }
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def init_params(config: GPTConfig, key: jax.Array) -> Params:
     """Fresh float32 parameters with nanochat's `init_weights()` distributions.
 
@@ -152,6 +154,8 @@ def init_params(config: GPTConfig, key: jax.Array) -> Params:
     1/sqrt(n_embd)); c_fc U(-0.4s, 0.4s); both output projections zero; resid_lambdas 1.15 -> 1.05 and x0_lambdas
     0.20 -> 0.05 linearly over layers; ve_gate U(0, 0.02); smear_gate U(0, 0.02), smear_lambda 0, backout_lambda 0.2
     (as current nanochat initialises them explicitly).
+
+    Jitted (config static): one compiled program instead of hundreds of eager ops.
 
     Args:
         config: the model config.

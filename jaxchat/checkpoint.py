@@ -44,6 +44,8 @@ def save_checkpoint(ckpt_dir: str, step: int, params: Params, config: GPTConfig,
                     opt_state: Any = None, loader_state: dict | None = None, max_to_keep: int | None = None) -> str:
     """Write one step (params, meta, and optionally optimizer and data-loader state); blocks until complete.
 
+    An existing step of the same number is replaced.
+
     Every process must call this (orbax gathers sharded arrays collectively); only process 0 writes JSON.
     Returns the step's directory.
     """
@@ -56,6 +58,8 @@ def save_checkpoint(ckpt_dir: str, step: int, params: Params, config: GPTConfig,
     if loader_state is not None:
         items["loader"] = ocp.args.JsonSave(loader_state)
     with _manager(ckpt_dir, create=True, max_to_keep=max_to_keep) as mgr:
+        if int(step) in mgr.all_steps():  # a re-run with the same tag replaces that step rather than failing
+            mgr.delete(int(step))
         mgr.save(int(step), args=ocp.args.Composite(**items), force=True)
         mgr.wait_until_finished()
     return os.path.join(os.path.abspath(ckpt_dir), str(int(step)))

@@ -53,6 +53,8 @@ def test_save_load_round_trip(tmp_path):
     assert config == cfg and meta["val_bpb"] == 1.5 and meta["step"] == 5
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(loaded)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+    save_model(str(tmp_path / "ck"), 5, params, cfg, {"val_bpb": 1.25})  # a re-run replaces the step
+    assert load_model(str(tmp_path / "ck"), step=5)[2]["val_bpb"] == 1.25
     _, newest, _ = load_model(str(tmp_path / "ck"))
     assert np.array_equal(np.asarray(newest["wte"]), np.asarray(params["wte"]) + 1)
     with pytest.raises(FileNotFoundError, match="available steps"):

@@ -255,17 +255,23 @@ def _attention(block: Params, config: GPTConfig, x: jax.Array, ve: jax.Array | N
         y = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local)
         return linear(y.reshape(B, T, H * D), block["c_proj"]), None
 
-    # KV-cache path: write this chunk's k, v at each row's position, attend over the whole cache with a mask.
-    k_cache, v_cache = layer_cache
-    write = jax.vmap(lambda c, u, p: jax.lax.dynamic_update_slice(c, u, (p, 0, 0)))
-    k_cache = write(k_cache, k.astype(k_cache.dtype), pos)
-    v_cache = write(v_cache, v.astype(v_cache.dtype), pos)
+    # KV-cache path: write this chunk's k, v into the stacked cache in place (no per-layer slice-and-restack
+    # copies), then attend over the whole cache with a position mask. Einsums over grouped heads instead of
+    # dot_product_attention: on the (B, S, K, D) cache the latter transposes the cache on every decode step.
+    k_all, v_all, layer = layer_cache
+    for b in range(B):  # B is static; each row writes at its own position
+        k_all = jax.lax.dynamic_update_slice(k_all, k[b][None, None].astype(k_all.dtype), (layer, b, pos[b], 0, 0))
+        v_all = jax.lax.dynamic_update_slice(v_all, v[b][None, None].astype(v_all.dtype), (layer, b, pos[b], 0, 0))
+    kc, vc = k_all[layer].astype(q.dtype), v_all[layer].astype(q.dtype)  # (B, S, K, D)
     q_pos = pos[:, None] + jnp.arange(T)  # (B, T)
-    k_pos = jnp.arange(k_cache.shape[1])  # (S,)
-    delta = q_pos[:, :, None] - k_pos[None, None, :]  # (B, T, S)
+    delta = q_pos[:, :, None] - jnp.arange(kc.shape[1])[None, None, :]  # (B, T, S)
     mask = (delta >= 0) & (delta <= window)
-    y = jax.nn.dot_product_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask=mask[:, None])
-    return linear(y.reshape(B, T, H * D), block["c_proj"]), (k_cache, v_cache)
+    qg = q.reshape(B, T, K, H // K, D)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, kc, preferred_element_type=jnp.float32) * D ** -0.5
+    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    y = jnp.einsum("bkgts,bskd->btkgd", probs, vc)
+    return linear(y.reshape(B, T, H * D), block["c_proj"]), (k_all, v_all, layer)
 
 
 def _trunk(params: Params, config: GPTConfig, idx: jax.Array, kv_cache: KVCache | None = None,
@@ -297,25 +303,25 @@ def _trunk(params: Params, config: GPTConfig, idx: jax.Array, kv_cache: KVCache 
     x0 = x
     backout_layer = config.n_layer // 2
     x_backout = None
-    new_k, new_v = [], []
+    if kv_cache is not None:
+        k_all, v_all = kv_cache["k"], kv_cache["v"]
     for i, block in enumerate(params["h"]):
         x = params["resid_lambdas"][i].astype(dtype) * x + params["x0_lambdas"][i].astype(dtype) * x0
         ve = params["value_embeds"][str(i)].astype(dtype)[idx] if config.has_ve(i) else None
-        layer_cache = None if kv_cache is None else (kv_cache["k"][i], kv_cache["v"][i])
+        layer_cache = None if kv_cache is None else (k_all, v_all, i)
         y, layer_cache = _attention(block["attn"], config, rms_norm(x), ve, cos, sin, config.window_sizes[i],
                                     layer_cache, pos)
         x = x + y
         h = linear(rms_norm(x), block["mlp"]["c_fc"])
         x = x + linear(jnp.square(jax.nn.relu(h)), block["mlp"]["c_proj"])
         if layer_cache is not None:
-            new_k.append(layer_cache[0])
-            new_v.append(layer_cache[1])
+            k_all, v_all = layer_cache[0], layer_cache[1]
         if i == backout_layer:
             x_backout = x
     x = x - params["backout_lambda"].astype(dtype) * x_backout
     x = rms_norm(x)
     if new_cache is not None:
-        new_cache["k"], new_cache["v"] = jnp.stack(new_k), jnp.stack(new_v)
+        new_cache["k"], new_cache["v"] = k_all, v_all
     return x, new_cache
 
 

@@ -1,0 +1,111 @@
+"""Chat with a checkpoint in the terminal (nanochat `scripts/chat_cli.py`).
+
+    python -m serve.cli                      # newest SFT checkpoint, multi-turn chat
+    python -m serve.cli -p "Why is the sky blue?"  # one question, one answer, exit
+    python -m serve.cli -i base -p "The capital of France is"  # a base model just continues the text
+
+Commands in the chat: `quit` / `exit` leave, `clear` starts a new conversation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jaxchat.engine import Engine
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Chat with a jaxchat model in the terminal")
+    parser.add_argument("-i", "--source", default="sft", choices=["base", "sft", "rl"],
+                        help="which checkpoints: base (text continuation) | sft | rl")
+    parser.add_argument("-g", "--model-tag", default=None, help="model tag, e.g. d20 (default: the largest)")
+    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    parser.add_argument("-p", "--prompt", default="", help="ask one question (or continue one text), print, exit")
+    parser.add_argument("-t", "--temperature", type=float, default=0.6, help="sampling temperature (0: greedy)")
+    parser.add_argument("-k", "--top-k", type=int, default=50, help="sample among the k most likely tokens")
+    parser.add_argument("-m", "--max-tokens", type=int, default=256, help="most tokens per reply")
+    parser.add_argument("--seed", type=int, default=42, help="sampling seed of the first reply (then +1 per turn)")
+    return parser.parse_args(argv)
+
+
+def stream_reply(engine: Engine, tokenizer, tokens: list[int], args, seed: int, out=sys.stdout) -> list[int]:
+    """Generate one reply to `tokens`, printing text as it arrives. Returns the reply's tokens (terminal included
+    when the model emitted one)."""
+    reply: list[int] = []
+    shown = 0
+    for column, _ in engine.generate(tokens, num_samples=1, max_tokens=args.max_tokens,
+                                     temperature=args.temperature, top_k=args.top_k, seed=seed):
+        reply.append(column[0])
+        if column[0] in (engine.assistant_end, engine.bos):
+            break
+        text = tokenizer.decode(reply)
+        if not text.endswith("\ufffd"):  # hold back a multi-byte character until it is complete
+            out.write(text[shown:])
+            out.flush()
+            shown = len(text)
+    text = tokenizer.decode([t for t in reply if t not in (engine.assistant_end, engine.bos)])
+    out.write(text[shown:] + "\n")
+    out.flush()
+    return reply
+
+
+def main(argv=None, input_fn=input) -> None:
+    args = parse_args(argv)
+    from jaxchat.checkpoint import load_model_from  # lazy: `--help` stays instant
+
+    params, config, tokenizer, meta = load_model_from(args.source, args.model_tag, args.step)
+    engine = Engine(params, config, tokenizer)
+    bos = tokenizer.get_bos_token_id()
+    user_start, user_end = tokenizer.encode_special("<|user_start|>"), tokenizer.encode_special("<|user_end|>")
+    assistant_start = tokenizer.encode_special("<|assistant_start|>")
+    chat = args.source != "base"
+
+    print(f"\njaxchat {args.source} model (step {meta.get('step', '?')}), "
+          f"{'chat' if chat else 'text continuation'} mode")
+    print("-" * 50)
+    print("Type 'quit' or 'exit' to end, 'clear' to start over")
+    print("-" * 50)
+    conversation = [bos]
+    turn = 0
+    while True:
+        if args.prompt:
+            user_input = args.prompt
+        else:
+            try:
+                user_input = input_fn("\nUser: " if chat else "\nText: ").strip()
+            except (EOFError, KeyboardInterrupt):
+                print("\nGoodbye!")
+                break
+        if user_input.lower() in ("quit", "exit"):
+            print("Goodbye!")
+            break
+        if user_input.lower() == "clear":
+            conversation = [bos]
+            print("Conversation cleared.")
+            continue
+        if not user_input:
+            continue
+
+        if chat:
+            turn_tokens = [user_start, *tokenizer.encode(user_input), user_end, assistant_start]
+            if len(conversation) + len(turn_tokens) + args.max_tokens > config.sequence_len:
+                print(f"(context of {config.sequence_len} tokens is full: starting a new conversation)")
+                conversation = [bos]
+            conversation += turn_tokens
+            print("\nAssistant: ", end="", flush=True)
+            reply = stream_reply(engine, tokenizer, conversation, args, args.seed + turn)
+            # the conversation must close the turn even when the reply ran out of tokens
+            if not reply or reply[-1] != engine.assistant_end:
+                reply.append(engine.assistant_end)
+            conversation += reply
+        else:  # a base model continues the text: bos + text, every input independent
+            print(user_input, end="", flush=True)
+            stream_reply(engine, tokenizer, tokenizer.encode(user_input, prepend=bos), args, args.seed + turn)
+        turn += 1
+        if args.prompt:
+            break
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""The inference engine: parity with nanochat's greedy decode, with a full-recompute decoder, sampling contracts,
+and calculator tool use driven by a scripted model."""
+
+import json
+import os
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxchat import model as gpt
+from jaxchat.checkpoint import from_nanochat
+from jaxchat.engine import FORCED_SLOTS, Engine, bucket, cache_bucket
+
+ACTIVE = os.path.join(os.path.dirname(__file__), "fixtures", "nanochat-tiny", "active")
+TINY = gpt.GPTConfig(sequence_len=256, vocab_size=256, n_layer=3, n_head=4, n_kv_head=2, n_embd=64,
+                     window_pattern="SL")
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+    return from_nanochat(dict(np.load(os.path.join(ACTIVE, "params.npz"))), TINY)
+
+
+@partial(jax.jit, static_argnums=(1,))
+def _full_logits(params, config, idx):
+    return gpt.forward(params, config, idx)
+
+
+def naive_greedy(params, config, prompt, max_tokens, width=128):
+    """Greedy decode that recomputes the whole sequence every step (no cache). The sequence is right-padded to a
+    fixed width so one shape compiles; causality makes the padding invisible to the positions we read."""
+    ids = list(prompt)
+    for _ in range(max_tokens):
+        idx = np.zeros((1, width), np.int32)
+        idx[0, :len(ids)] = ids
+        logits = _full_logits(params, config, jnp.asarray(idx))
+        ids.append(int(jnp.argmax(logits[0, len(ids) - 1])))
+    return ids[len(prompt):]
+
+
+def test_bucket():
+    assert [bucket(n, 16) for n in (1, 15, 16, 17, 33, 100)] == [16, 16, 16, 32, 64, 128]
+    sizes = (1, 64, 65, 96, 97, 144, 200, 256, 2048)
+    assert [cache_bucket(n) for n in sizes] == [64, 64, 96, 96, 128, 192, 256, 256, 2048]
+
+
+def test_greedy_matches_nanochat_reference(tiny_params):
+    ref = json.load(open(os.path.join(ACTIVE, "greedy.json")))
+    ref_logits = np.load(os.path.join(ACTIVE, "greedy_logits.npz"))["engine_step_logits"]
+    engine = Engine(tiny_params, TINY, decode_chunk=8)  # no tokenizer: a pure token decoder
+    ids, logits = engine.generate_with_logits(ref["prompt"], max_tokens=ref["max_tokens"])
+    assert ids == ref["engine"]
+    assert logits.shape == ref_logits.shape == (33, 256)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=0)
+    seqs, masks = engine.generate_batch(ref["prompt"], max_tokens=ref["max_tokens"], temperature=0.0)
+    assert seqs == [ref["prompt"] + ref["engine"]]
+    assert masks == [[0] * len(ref["prompt"]) + [1] * ref["max_tokens"]]
+
+
+@pytest.mark.parametrize("prompt_len", [1, 16, 17, 40])  # prompt buckets 16, 16, 32, 64 around their boundaries
+def test_engine_equals_full_recompute(tiny_params, prompt_len):
+    rng = np.random.default_rng(prompt_len)
+    prompt = rng.integers(0, TINY.vocab_size, prompt_len).tolist()
+    expected = naive_greedy(tiny_params, TINY, prompt, 20)
+    engine = Engine(tiny_params, TINY, decode_chunk=8)  # several host round-trips, one partial chunk
+    seqs, masks = engine.generate_batch(prompt, num_samples=3, max_tokens=20, temperature=0.0)
+    assert len(seqs) == 3
+    for seq, mask in zip(seqs, masks):
+        assert seq == prompt + expected
+        assert mask == [0] * prompt_len + [1] * 20
+
+
+def test_streaming_columns(tiny_params):
+    engine = Engine(tiny_params, TINY, decode_chunk=8)
+    columns = list(engine.generate([1, 2, 3], num_samples=3, max_tokens=11, temperature=0.0))
+    assert len(columns) == 11
+    assert all(len(toks) == 3 and masks == [1, 1, 1] for toks, masks in columns)
+    assert list(engine.generate([1, 2, 3], max_tokens=0)) == []
+
+
+def test_seeded_sampling_and_top_k(tiny_params):
+    engine = Engine(tiny_params, TINY, decode_chunk=8)  # shapes shared with the tests above: fewer compiles
+    prompt = [5, 6, 7, 8]
+    kw = dict(num_samples=3, max_tokens=16, temperature=1.5)
+    a, _ = engine.generate_batch(prompt, seed=1, **kw)
+    b, _ = engine.generate_batch(prompt, seed=1, **kw)
+    c, _ = engine.generate_batch(prompt, seed=2, **kw)
+    assert a == b
+    assert a != c
+    assert len({tuple(s) for s in a}) > 1  # rows sample independently
+    # greedy ignores the seed
+    g1, _ = engine.generate_batch(prompt, max_tokens=8, temperature=0.0, seed=1)
+    g2, _ = engine.generate_batch(prompt, max_tokens=8, temperature=0.0, seed=7)
+    assert g1 == g2
+    # top-k: each sampled token is among the k largest logits the sampler saw at that step
+    for seed in range(3):
+        ids, logits = engine.generate_with_logits(prompt, max_tokens=16, temperature=2.0, top_k=3, seed=seed)
+        assert len(ids) == 16
+        for t, tok in enumerate(ids):
+            assert tok in np.argsort(logits[t])[-3:]
+
+
+def test_bad_arguments(tiny_params):
+    engine = Engine(tiny_params, TINY)
+    with pytest.raises(TypeError):
+        list(engine.generate([]))
+    with pytest.raises(ValueError, match="vocab_size"):
+        list(engine.generate([300]))
+    with pytest.raises(ValueError, match="temperature"):
+        list(engine.generate([1], temperature=-1.0))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tool use, with a scripted model and a byte-level tokenizer.
+
+class ByteTokenizer:
+    """Bytes are tokens 0..255; nanochat's special tokens follow."""
+    SPECIALS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+                "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
+
+    def encode_special(self, name):
+        return 256 + self.SPECIALS.index(name)
+
+    def get_bos_token_id(self):
+        return self.encode_special("<|bos|>")
+
+    def encode(self, text, prepend=None):
+        return ([] if prepend is None else [prepend]) + list(text.encode())
+
+    def decode(self, ids):
+        return bytes(t for t in ids if t < 256).decode(errors="replace")
+
+
+TOK = ByteTokenizer()
+S = TOK.encode_special
+SCRIPT_CONFIG = gpt.GPTConfig(sequence_len=128, vocab_size=272, n_layer=1, n_head=1, n_kv_head=1, n_embd=32,
+                              window_pattern="L")
+
+
+def scripted_forward(params, config, idx, kv_cache=None, valid_len=None):
+    """A 'model' whose prediction at absolute position p is params['script'][row][p + 1], whatever the inputs.
+    Rows beyond the script's rows reuse the last one; prefill (batch 1) uses row 0."""
+    B, T = idx.shape
+    script = params["script"]  # (R, S) int32
+    rows = jnp.minimum(jnp.arange(B), script.shape[0] - 1)
+    positions = kv_cache["pos"][:, None] + jnp.arange(T)  # (B, T)
+    targets = script[rows[:, None], jnp.minimum(positions + 1, script.shape[1] - 1)]
+    logits = 10.0 * jax.nn.one_hot(targets, config.vocab_size)
+    n = jnp.full((B,), T, jnp.int32) if valid_len is None else valid_len
+    return logits, dict(kv_cache, pos=kv_cache["pos"] + n)
+
+
+def make_script(*rows, length=120):
+    out = np.full((len(rows), length), S("<|assistant_end|>"), np.int32)
+    for r, row in enumerate(rows):
+        out[r, :len(row)] = row
+    return {"script": jnp.asarray(out)}
+
+
+def py_block(expr):
+    return [S("<|python_start|>")] + TOK.encode(expr) + [S("<|python_end|>")]
+
+
+def forced_block(text):
+    return [S("<|output_start|>")] + TOK.encode(text) + [S("<|output_end|>")]
+
+
+PROMPT = [S("<|bos|>"), S("<|user_start|>")] + TOK.encode("hi") + [S("<|user_end|>"), S("<|assistant_start|>")]
+
+
+@pytest.mark.parametrize("chunk", [4, 32])
+def test_tool_use_forces_calculator_result(chunk):
+    expr, result = "12*3", "36"
+    filler = [ord("?")] * len(forced_block(result))  # the script's own tokens where the engine forces the result
+    row0 = PROMPT + py_block(expr) + filler + TOK.encode("ok") + [S("<|assistant_end|>")]
+    row1 = PROMPT + [row0[len(PROMPT)]] + TOK.encode("plain answer") + [S("<|assistant_end|>")]
+    engine = Engine(make_script(row0, row1), SCRIPT_CONFIG, TOK, decode_chunk=chunk, forward_fn=scripted_forward)
+    seqs, masks = engine.generate_batch(PROMPT, num_samples=2, max_tokens=40, temperature=0.0)
+    want0 = py_block(expr) + forced_block(result) + TOK.encode("ok")
+    assert seqs[0] == PROMPT + want0
+    n_py = len(py_block(expr))
+    assert masks[0] == [0] * len(PROMPT) + [1] * n_py + [0] * len(forced_block(result)) + [1, 1]
+    # the other row kept sampling in lockstep, untouched by row 0's tool call
+    assert seqs[1] == row1[:-1]
+    assert masks[1] == [0] * len(PROMPT) + [1] * (len(row1) - 1 - len(PROMPT))
+
+
+def test_long_tool_result_is_fed_in_several_loads():
+    expr = "123456789*987654321*123456789*987654321"
+    result = str(123456789 * 987654321 * 123456789 * 987654321)
+    assert len(forced_block(result)) > FORCED_SLOTS
+    filler = [ord("?")] * len(forced_block(result))
+    script = PROMPT + py_block(expr) + filler + [ord("!"), S("<|assistant_end|>")]
+    engine = Engine(make_script(script), SCRIPT_CONFIG, TOK, decode_chunk=8, forward_fn=scripted_forward)
+    seqs, masks = engine.generate_batch(PROMPT, max_tokens=100, temperature=0.0)
+    assert seqs[0][len(PROMPT):] == py_block(expr) + forced_block(result) + [ord("!")]
+    assert masks[0][len(PROMPT):] == [1] * len(py_block(expr)) + [0] * len(forced_block(result)) + [1]
+
+
+@pytest.mark.parametrize("expr", ["__import__('os').system('echo pwned')", "9**9**9", "().__class__", "1/0"])
+def test_refused_tool_calls_force_nothing(expr):
+    script = PROMPT + py_block(expr) + TOK.encode("no") + [S("<|assistant_end|>")]
+    engine = Engine(make_script(script), SCRIPT_CONFIG, TOK, forward_fn=scripted_forward)
+    seqs, masks = engine.generate_batch(PROMPT, max_tokens=80, temperature=0.0)
+    assert seqs[0] == script[:-1]
+    assert all(m == 1 for m in masks[0][len(PROMPT):])
+
+
+def test_stops_at_bos_and_respects_max_tokens():
+    script = PROMPT + TOK.encode("abc") + [S("<|bos|>")] + TOK.encode("zzz")
+    engine = Engine(make_script(script), SCRIPT_CONFIG, TOK, forward_fn=scripted_forward)
+    seqs, _ = engine.generate_batch(PROMPT, max_tokens=50, temperature=0.0)
+    assert seqs == [PROMPT + TOK.encode("abc")]
+    columns = list(engine.generate(PROMPT, max_tokens=50, temperature=0.0))
+    assert [c[0][0] for c in columns] == TOK.encode("abc") + [S("<|bos|>")]  # the stream ends once all rows are done
+    seqs, _ = engine.generate_batch(PROMPT, max_tokens=2, temperature=0.0)
+    assert seqs == [PROMPT + TOK.encode("ab")]
+
+
+def uniform_forward(params, config, idx, kv_cache=None, valid_len=None):
+    B, T = idx.shape
+    n = jnp.full((B,), T, jnp.int32) if valid_len is None else valid_len
+    return jnp.zeros((B, T, config.vocab_size)), dict(kv_cache, pos=kv_cache["pos"] + n)
+
+
+def test_first_token_sampled_per_row():
+    """nanochat's regression: each row draws its own first token from the shared prefill logits."""
+    engine = Engine({}, SCRIPT_CONFIG, TOK, forward_fn=uniform_forward)
+    (first, _), = list(engine.generate(PROMPT, num_samples=16, max_tokens=1, temperature=1.0))
+    assert len(first) == 16 and len(set(first)) > 1
+    # and each step draws afresh (the key is folded with the step): uniform logits must not repeat one token
+    row = [col[0] for col, _ in engine.generate(PROMPT, max_tokens=12, temperature=1.0)]
+    assert len(set(row)) > 1
+
+
+def test_infer_bench_prints_sweep_json(capsys):
+    from evals import infer_bench
+    payload = infer_bench.main(["--random-init", "--depth", "1", "--aspect-ratio", "32", "--head-dim", "32",
+                                "--vocab-size", "256", "--max-seq-len", "64", "--window-pattern", "L",
+                                "--prompt-len", "8", "--decode-tokens", "6", "--batch-sizes", "1,2", "--repeats", "1"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last == json.loads(json.dumps(payload))
+    assert [r["batch_size"] for r in last["sweep"]] == [1, 2]
+    for row in last["sweep"]:
+        assert set(row) == {"batch_size", "prefill_tok_per_sec", "tok_per_sec", "ms_per_token", "mbu"}
+        assert row["tok_per_sec"] > 0 and row["prefill_tok_per_sec"] > 0
+        assert row["mbu"] is None  # CPU: peak bandwidth unknown

@@ -195,6 +195,12 @@ def main(argv: list[str] | None = None) -> dict:
                "ratio": {c: {n: round(r["ratio"], 4) for n, r in results[c].items()} for c in cols},
                "tokens": {c: {n: r["tokens"] for n, r in results[c].items()} for c in cols}}
     print(json.dumps(summary), flush=True)
+    from jaxchat.report import get_report
+
+    get_report().log(section="Tokenizer evaluation", data=[
+        {"vocab_size": vocab["ours"]},
+        {f"{name} bytes/token": results["ours"][name]["ratio"] for name, _ in texts},
+    ])
     return summary
 
 

@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> dict:
         json.dump(stats, f, indent=2)
     print(f"Saved token_bytes to {os.path.join(tokenizer_dir, 'token_bytes.npy')}")
     print(json.dumps({"event": "tokenizer_train", **stats}), flush=True)
+    from jaxchat.report import get_report
+
+    get_report().log(section="Tokenizer training", data=[stats])
     return stats
 
 

@@ -229,6 +229,21 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos + x2 * sin, x2 * cos - x1 * sin], axis=-1)
 
 
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, local_window: tuple[int, int] | None) -> jax.Array:
+    """Causal (optionally sliding-window) attention, q (B, T, H, D), k/v (B, T, K, D) with K dividing H.
+
+    cuDNN's flash attention on GPU in bfloat16/float16 (it supports GQA and the causal sliding window); XLA's
+    implementation elsewhere, or wherever cuDNN refuses the shape or version (it says so while tracing).
+    """
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        try:
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local_window,
+                                                implementation="cudnn")
+        except Exception:  # noqa: BLE001 - any refusal falls back to the same computation in XLA
+            pass
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local_window)
+
+
 def _smear(params: Params, x: jax.Array, x_prev: jax.Array, has_prev: jax.Array) -> jax.Array:
     """x + smear_lambda * sigmoid(smear_gate(x[..., :24])) * x_prev where a previous token exists."""
     gate = params["smear_lambda"].astype(x.dtype) * jax.nn.sigmoid(linear(x[..., :SMEAR_CHANNELS], params["smear_gate"]))
@@ -252,7 +267,7 @@ def _attention(block: Params, config: GPTConfig, x: jax.Array, ve: jax.Array | N
     if layer_cache is None:
         # Training / full-sequence: causal, plus a sliding window when it is shorter than the sequence.
         local = (window, 0) if window < T - 1 else None
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local)
+        y = causal_attention(q, k, v, local)
         return linear(y.reshape(B, T, H * D), block["c_proj"]), None
 
     # KV-cache path: write this chunk's k, v into the stacked cache in place (no per-layer slice-and-restack

@@ -42,7 +42,8 @@ from jaxchat.optim import make_optimizer
 from jaxchat.sft_data import SFTLoader
 from jaxchat.sharding import (abstract_with_shardings, batch_sharding, global_batch, make_mesh, opt_state_shardings,
                               param_shardings, sharded_muon_update)
-from jaxchat.train_loop import (MetricsWriter, StepTimer, evaluate_bpb_global, hparams_array, jit_train_step,
+from jaxchat.loss_eval import evaluate_bpb
+from jaxchat.train_loop import (MetricsWriter, StepTimer, hparams_array, jit_train_step,
                                 timestamp)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -395,7 +396,7 @@ def main(argv=None) -> dict:
         last_step = any_process(train_loader.last_step)
         flops_so_far = flops_per_token * args.total_batch_size * step
         if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
-            val_bpb = evaluate_bpb_global(params, config, val_batches(), eval_steps, token_bytes)
+            val_bpb = evaluate_bpb(params, config, val_batches(), eval_steps, token_bytes)
             min_val_bpb = min(min_val_bpb, val_bpb)
             history.append((step, val_bpb))
             print0(f"Step {step:05d} | Validation bpb: {val_bpb:.4f}")

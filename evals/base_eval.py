@@ -20,15 +20,7 @@ import jax
 
 from jaxchat.common import get_base_dir, is_main_process, maybe_init_distributed, print0
 
-SAMPLE_PROMPTS = [
-    "The capital of France is",
-    "The chemical symbol of gold is",
-    "If yesterday was Friday, then tomorrow will be",
-    "The opposite of hot is",
-    "The planets of the solar system are:",
-    "My favorite color is",
-    "If 5*x + 3 = 13, then x is",
-]
+from jaxchat.engine import SAMPLE_PROMPTS  # noqa: E402
 VALID_MODES = ("core", "bpb", "sample")
 
 

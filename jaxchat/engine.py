@@ -32,6 +32,17 @@ from jaxchat import model as gpt
 from jaxchat.calculator import use_calculator
 from jaxchat.common import compute_dtype
 
+# The prompts nanochat samples a base model on (scripts/base_train.py and base_eval.py).
+SAMPLE_PROMPTS = (
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+)
+
 MIN_PROMPT_BUCKET = 16  # prompts are right-padded to max(16, next power of two) tokens
 MIN_CACHE_BUCKET = 64  # the decode cache holds at least 64 positions, see `cache_bucket`
 DECODE_CHUNK = 32  # tokens emitted per host round-trip

@@ -178,12 +178,11 @@ class Report:
                 metrics["sft"] = _extract(text, CHAT_METRICS)
             elif title == "Chat evaluation rl":
                 metrics["rl"] = _extract(text, CHAT_METRICS)
-            seconds = _extract(text, ["Total training time (s)"]).get("Total training time (s)")
-            if seconds:
-                try:
-                    train_hours += float(seconds.replace(",", "")) / 3600
-                except ValueError:
-                    pass
+            spent = _extract(text, ["Total training time"]).get("Total training time", "")
+            m = re.fullmatch(r"([\d.,]+)\s*(m|s|h)?", spent)
+            if m:  # nanochat writes minutes as "12.34m"
+                value = float(m.group(1).replace(",", ""))
+                train_hours += value / {"s": 3600, "m": 60, "h": 1}[m.group(2) or "s"]
             parts.append(text + "\n")
         parts.append("## Summary\n\n")
         if bloat:

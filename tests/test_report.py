@@ -9,7 +9,7 @@ def test_generate_collects_sections_and_summary(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     report = get_report()
     report.reset()
-    report.log(section="Base model training", data=[{"depth": 4, "Total training time (s)": 7200.0}])
+    report.log(section="Base model training", data=[{"depth": 4, "Total training time": "120.00m"}])
     report.log(section="Base model evaluation", data=[{"CORE": 0.2219, "val_bpb": 0.81}])
     report.log(section="Chat evaluation sft", data=[{"ARC-Easy": 0.39, "GSM8K": 0.045, "ChatCORE": 0.25}])
     report.log(section="Tokenizer training", data=["some *markdown*", {"vocab_size": 32768}])

@@ -39,6 +39,7 @@ import numpy as np
 from jaxchat import checkpoint as ckpt
 from jaxchat import model as gpt
 from jaxchat import schedules as sched
+from jaxchat.engine import SAMPLE_PROMPTS
 from jaxchat.common import (get_base_dir, get_peak_flops, maybe_init_distributed, print0, compute_dtype,
                             device_kind)
 
@@ -46,15 +47,6 @@ B_REF = 2 ** 19  # nanochat: optimal total batch at d12, in tokens
 BATCH_EXPONENT = 0.383  # nanochat: B_opt ~ D ** 0.383
 D_REF_DEPTH = 12
 DEFAULT_VOCAB = 32768  # nanochat's tokenizer size; used by --dry-run when no tokenizer is trained
-SAMPLE_PROMPTS = (  # nanochat base_train's sampling prompts
-    "The capital of France is",
-    "The chemical symbol of gold is",
-    "If yesterday was Friday, then tomorrow will be",
-    "The opposite of hot is",
-    "The planets of the solar system are:",
-    "My favorite color is",
-    "If 5*x + 3 = 13, then x is",
-)
 
 
 def build_parser() -> argparse.ArgumentParser:

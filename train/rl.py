@@ -346,6 +346,13 @@ def main(argv=None) -> dict:
                                                                            "step": meta.get("step")}})
             print0(f"Saved checkpoint to {ckpt_dir} (step {step})")
     writer.close()
+    from jaxchat.report import get_report
+
+    get_report().log(section="Chat RL", data=[
+        {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))},
+        {"Number of steps": num_steps, "Final mean reward": history["rewards"][-1] if history["rewards"] else None,
+         "Checkpoint": ckpt_dir},
+    ])
     return {"steps": num_steps, **history, "checkpoint_dir": ckpt_dir}
 
 

@@ -449,6 +449,13 @@ def main(argv=None) -> dict:
                f"{args.max_seq_len + 1} tokens")
     print0(f"Total training time: {timer.total / 60:.2f}m | Minimum validation bpb: {min_val_bpb:.4f}")
     writer.close()
+    from jaxchat.report import get_report
+
+    get_report().log(section="Chat SFT", data=[
+        {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))},
+        {"Number of iterations": step, "Minimum validation bpb": min_val_bpb, "Conversations cropped":
+         train_loader.cropped, "Total training time": f"{timer.total / 60:.2f}m", "Checkpoint": ckpt_dir},
+    ])
     return {"step": step, "min_val_bpb": min_val_bpb, "val_bpb_history": history, "checkpoint_dir": ckpt_dir,
             "cropped": train_loader.cropped}
 

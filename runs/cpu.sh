@@ -13,16 +13,16 @@ export JAXCHAT_BASE_DIR="$BASE"
 SIZE="${SIZE:-default}"
 RUN="${RUN:-cpu}"
 if [ "$SIZE" = tiny ]; then
-  DEPTH=2; STEPS=30; SEQ=128; DBS=8; TBS=1024; EVAL_TOKENS=8192; SFT_STEPS=10; SPELL=200; CHAT_X=4
+  DEPTH=2; STEPS=30; SEQ=128; DBS=8; TBS=1024; EVAL_TOKENS=8192; SFT_STEPS=10; SPELL=200; CHAT_X=4; VOCAB=2048
 else
-  DEPTH=6; STEPS=2000; SEQ=512; DBS=16; TBS=8192; EVAL_TOKENS=262144; SFT_STEPS=300; SPELL=20000; CHAT_X=50
+  DEPTH=6; STEPS=2000; SEQ=512; DBS=16; TBS=8192; EVAL_TOKENS=262144; SFT_STEPS=300; SPELL=20000; CHAT_X=50; VOCAB=8192
 fi
 
 python -m jaxchat.report reset
 if ! ls "$BASE"/base_data/*.parquet >/dev/null 2>&1; then
   python -m jaxchat.dataset --corpus local --max-mb 20
 fi
-[ -f "$BASE/tokenizer/tokenizer.pkl" ] || python -m train.tokenizer --vocab-size 8192
+[ -f "$BASE/tokenizer/tokenizer.pkl" ] || python -m train.tokenizer --vocab-size "$VOCAB"
 python -m evals.tokenizer
 
 python -m train.pretrain --depth="$DEPTH" --head-dim=64 --window-pattern=L --max-seq-len="$SEQ" \

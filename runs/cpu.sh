@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on a CPU, well under an hour (nanochat's runcpu.sh): corpus -> tokenizer -> pretrain -> base
 # eval -> SFT on what is available offline -> chat eval -> report card.
-#   bash runs/cpu.sh               # the default size: depth 6, ~40 minutes on a laptop
+#   bash runs/cpu.sh               # the default size: depth 4, 800 steps; ~30 minutes on 2 cores (pretraining ~16)
 #   SIZE=tiny bash runs/cpu.sh     # depth 2, a few steps of each stage: checks the plumbing in a few minutes (CI)
 # Offline data: the local corpus, jaxchat's identity conversations, and SpellingBee/SimpleSpelling from the system
 # word list (Debian: apt-get install wamerican). With the CORE bundle in $JAXCHAT_BASE_DIR/eval_bundle, base eval adds
@@ -15,7 +15,7 @@ RUN="${RUN:-cpu}"
 if [ "$SIZE" = tiny ]; then
   DEPTH=2; STEPS=30; SEQ=128; DBS=8; TBS=1024; EVAL_TOKENS=8192; SFT_STEPS=10; SPELL=200; CHAT_X=4; VOCAB=2048
 else
-  DEPTH=6; STEPS=2000; SEQ=512; DBS=16; TBS=8192; EVAL_TOKENS=262144; SFT_STEPS=300; SPELL=20000; CHAT_X=50; VOCAB=8192
+  DEPTH=4; STEPS=800; SEQ=256; DBS=16; TBS=4096; EVAL_TOKENS=131072; SFT_STEPS=200; SPELL=20000; CHAT_X=50; VOCAB=8192
 fi
 
 python -m jaxchat.report reset

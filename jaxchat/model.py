@@ -455,3 +455,7 @@ def estimate_flops(config: GPTConfig) -> int:
     t = config.sequence_len
     attn = sum(12 * config.n_head * config.head_dim * min(w, t) for w in config.window_sizes)
     return 6 * matmul_params + attn
+
+
+# `loss(params, config, idx, targets)`: the short name, for callers that think of nanochat's `model(idx, targets)`.
+loss = loss_fn

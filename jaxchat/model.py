@@ -232,8 +232,10 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, local_window: tuple[int, int] | None) -> jax.Array:
     """Causal (optionally sliding-window) attention, q (B, T, H, D), k/v (B, T, K, D) with K dividing H.
 
-    cuDNN's flash attention on GPU in bfloat16/float16 (it supports GQA and the causal sliding window); XLA's
-    implementation elsewhere, or wherever cuDNN refuses the shape or version (it says so while tracing).
+    cuDNN's flash attention on GPU in bfloat16/float16 (it supports GQA and the causal sliding window); elsewhere,
+    or wherever cuDNN refuses the shape or version (it says so while tracing), `softmax_attention`, XLA einsums
+    with a hand-written backward pass.
+    local_window: (left, 0) lets position t see keys t-left .. t; None: all keys up to t.
     """
     if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
         try:
@@ -241,7 +243,58 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, local_window: tup
                                                 implementation="cudnn")
         except Exception:  # noqa: BLE001 - any refusal falls back to the same computation in XLA
             pass
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local_window)
+    return softmax_attention(q, k, v, None if local_window is None else local_window[0])
+
+
+def _attention_mask(T: int, window: int | None) -> jax.Array:
+    """(T, T) bool: query t sees key s when s <= t (and t - s <= window)."""
+    delta = jnp.arange(T)[:, None] - jnp.arange(T)[None, :]
+    return (delta >= 0) if window is None else (delta >= 0) & (delta <= window)
+
+
+def _attention_fwd(q, k, v, window):
+    B, T, H, D = q.shape
+    K = k.shape[2]
+    qh = q.reshape(B, T, K, H // K, D).transpose(0, 2, 3, 1, 4)  # (B, K, G, T, D): heads sharing a kv head
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, T, D)
+    scores = jnp.einsum("bkgtd,bksd->bkgts", qh, kh, preferred_element_type=jnp.float32) * D ** -0.5
+    probs = jax.nn.softmax(jnp.where(_attention_mask(T, window), scores, -jnp.inf), axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, vh)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D), (qh, kh, vh, out, probs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int | None = None) -> jax.Array:
+    """softmax(q k^T / sqrt(D) + causal mask) v, computed what `jax.nn.dot_product_attention(is_causal=True)`
+    computes (XLA implementation), with the standard attention backward pass written out (dP = dO V^T,
+    dS = P * (dP - rowsum(dO * O)), then dQ, dK, dV), which on the CPU runs ~2x faster than differentiating
+    through the softmax.
+
+    Args:
+        q: (B, T, H, D); k, v: (B, T, K, D) with K dividing H (grouped-query attention). Any float dtype; scores
+            and the softmax are float32.
+        window: static; None for plain causal attention, else query t sees keys t-window .. t.
+    Returns:
+        (B, T, H, D) in q's dtype.
+    """
+    return _attention_fwd(q, k, v, window)[0]
+
+
+def _attention_bwd(window, residuals, d_out):
+    qh, kh, vh, out, probs = residuals
+    B, K, G, T, D = qh.shape
+    f32 = jnp.float32
+    do = d_out.reshape(B, T, K, G, D).transpose(0, 2, 3, 1, 4)
+    dv = jnp.einsum("bkgts,bkgtd->bksd", probs, do)
+    dp = jnp.einsum("bkgtd,bksd->bkgts", do, vh, preferred_element_type=f32)
+    delta = jnp.sum(do.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
+    ds = (probs.astype(f32) * (dp - delta) * D ** -0.5).astype(qh.dtype)
+    dq = jnp.einsum("bkgts,bksd->bkgtd", ds, kh).transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, D)
+    dk = jnp.einsum("bkgts,bkgtd->bksd", ds, qh)
+    return dq, dk.transpose(0, 2, 1, 3), dv.transpose(0, 2, 1, 3)
+
+
+softmax_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def _smear(params: Params, x: jax.Array, x_prev: jax.Array, has_prev: jax.Array) -> jax.Array:
@@ -282,6 +335,21 @@ def _attention(block: Params, config: GPTConfig, x: jax.Array, ve: jax.Array | N
     delta = q_pos[:, :, None] - jnp.arange(kc.shape[1])[None, None, :]  # (B, T, S)
     mask = (delta >= 0) & (delta <= window)
     qg = q.reshape(B, T, K, H // K, D)
+    if T == 1:
+        # One token per row (decode). The cache is read as (B, S, K*D) matrices in its own layout: a batched matmul
+        # over (B, K) would first copy each layer's cache into (B, K, S, D), which costs more than the attention.
+        # Placing each head's query in its own block of a block-diagonal (K*D, K*G) matrix gives every head's
+        # scores in one plain matmul; K times the FLOPs of the scores, still tiny next to reading the cache.
+        G = H // K
+        eye = jnp.eye(K, dtype=q.dtype)
+        q_bd = (qg[:, 0, None, :, :, :] * eye[None, :, :, None, None]).transpose(0, 1, 4, 2, 3)  # (B, K', D, K, G)
+        scores = jnp.einsum("bsx,bxy->bsy", kc.reshape(B, -1, K * D), q_bd.reshape(B, K * D, K * G),
+                            preferred_element_type=jnp.float32) * D ** -0.5  # (B, S, K*G)
+        scores = jnp.where(mask[:, 0, :, None], scores, -jnp.inf)
+        probs = jax.nn.softmax(scores, axis=1).astype(q.dtype)
+        full = jnp.einsum("bsy,bsx->byx", probs, vc.reshape(B, -1, K * D)).reshape(B, K, G, K, D)
+        y = jnp.sum(full * eye[None, :, None, :, None], axis=3)  # the diagonal blocks: head k's own values
+        return linear(y.reshape(B, 1, H * D), block["c_proj"]), (k_all, v_all, layer)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, kc, preferred_element_type=jnp.float32) * D ** -0.5
     scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
@@ -373,45 +441,135 @@ def forward(params: Params, config: GPTConfig, idx: jax.Array, kv_cache: KVCache
 
 
 def _token_losses(params: Params, config: GPTConfig, x: jax.Array, targets: jax.Array) -> jax.Array:
-    """Per-token cross-entropy (nats, float32) for hidden states x (N, C) and targets (N,); 0 where target == -1."""
+    """Per-token cross-entropy (nats, float32) for hidden states x (..., C) and targets (...); 0 where target == -1."""
     logits = _logits(params, config, x)
     logz = jax.nn.logsumexp(logits, axis=-1)
     safe = jnp.where(targets < 0, 0, targets)
-    picked = jnp.take_along_axis(logits, safe[:, None], axis=-1)[:, 0]
+    picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
     return jnp.where(targets < 0, 0.0, logz - picked)
+
+
+# Logits (float32) per loss chunk and device: 2^28 elements = 1 GiB. One chunk on small models; a handful at d20+.
+LOSS_CHUNK_ELEMENTS = 1 << 28
+
+
+def _loss_chunks(config: GPTConfig, B: int, T: int, chunk_tokens: int | None) -> int:
+    """How many chunks along T the head and loss run in: the fewest that divide T and keep a chunk within
+    `chunk_tokens` tokens (default: LOSS_CHUNK_ELEMENTS logits per device, the batch split over all devices)."""
+    if chunk_tokens is None:
+        chunk_tokens = max(1, LOSS_CHUNK_ELEMENTS * jax.device_count() // config.padded_vocab_size)
+    want = -(-B * T // chunk_tokens)
+    return next(n for n in range(max(1, want), T + 1) if T % n == 0) if want < T else T
+
+
+def _chunked(fn, x: jax.Array, targets: jax.Array, n_chunks: int, init):
+    """Scan `fn(carry, (x_chunk, t_chunk)) -> (carry, out_chunk)` over n_chunks slices of the T axis of x (B, T, C)
+    and targets (B, T); returns (carry, outs re-joined along T)."""
+    B, T = targets.shape
+    if n_chunks == 1:
+        return fn(init, (x, targets))
+    tc = T // n_chunks
+    xs = (jnp.swapaxes(x.reshape(B, n_chunks, tc, -1), 0, 1), jnp.swapaxes(targets.reshape(B, n_chunks, tc), 0, 1))
+    carry, outs = jax.lax.scan(fn, init, xs)
+    if outs is None:
+        return carry, None
+    return carry, jnp.swapaxes(outs, 0, 1).reshape((B, T) + outs.shape[3:])
+
+
+def _softcap_ce_terms(x: jax.Array, w: jax.Array, targets: jax.Array, vocab_size: int, with_grads: bool):
+    """Summed softcapped cross-entropy of one chunk, and optionally its gradients (d sum/dx, d sum/dw)."""
+    z = linear(x, w)[..., :vocab_size].astype(jnp.float32)
+    t = jnp.tanh(z / SOFTCAP)
+    logits = SOFTCAP * t
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    valid = targets >= 0
+    safe = jnp.where(valid, targets, 0)
+    picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+    loss_sum = jnp.sum(jnp.where(valid, lse - picked, 0.0))
+    if not with_grads:
+        return loss_sum, None, None
+    # d/dz of (lse - logits[target]) = (softmax(logits) - onehot(target)) * (1 - t^2), the tanh's derivative.
+    onehot = jnp.arange(vocab_size) == safe[..., None]
+    dz = (jnp.exp(logits - lse[..., None]) - onehot) * (1.0 - t * t)
+    dz = jnp.where(valid[..., None], dz, 0.0).astype(x.dtype)
+    dx = jnp.einsum("...v,vc->...c", dz, w[:vocab_size].astype(x.dtype))
+    dw = jnp.einsum("nv,nc->vc", dz.reshape(-1, vocab_size), x.reshape(-1, x.shape[-1]),
+                    preferred_element_type=jnp.float32)
+    dw = jnp.pad(dw, ((0, w.shape[0] - vocab_size), (0, 0))).astype(w.dtype)
+    return loss_sum, dx, dw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def softcap_cross_entropy_sum(x: jax.Array, w: jax.Array, targets: jax.Array, vocab_size: int,
+                              n_chunks: int = 1) -> jax.Array:
+    """Sum over tokens of the cross-entropy of softcapped logits 15 * tanh((x @ w.T)[..., :vocab_size] / 15).
+
+    A fused head + loss ("linear cross-entropy"): the forward pass of a gradient computes the gradients with
+    respect to x and w chunk by chunk, so neither the (B, T, vocab) logits nor their gradient are kept for the
+    backward pass, and nothing is recomputed (the backward pass only scales by the cotangent).
+
+    Args:
+        x: (B, T, C) hidden states in the compute dtype.
+        w: (Vp, C) float32 head (nanochat `lm_head`), Vp >= vocab_size (padded rows get zero gradient).
+        targets: int32 (B, T); -1 is ignored.
+        vocab_size: real vocabulary size (static).
+        n_chunks: number of slices of T computed one after the other (static, divides T).
+    Returns:
+        float32 scalar, the summed loss in nats.
+    Source: nanochat/gpt.py `GPT.forward` (softcap 15, cross_entropy with ignore_index=-1).
+    """
+    def body(total, xt):
+        return total + _softcap_ce_terms(xt[0], w, xt[1], vocab_size, False)[0], None
+    return _chunked(body, x, targets, n_chunks, jnp.zeros((), jnp.float32))[0]
+
+
+def _softcap_ce_fwd(x, w, targets, vocab_size, n_chunks):
+    def body(carry, xt):
+        total, dw_sum = carry
+        loss_sum, dx, dw = _softcap_ce_terms(xt[0], w, xt[1], vocab_size, True)
+        return (total + loss_sum, dw_sum + dw), dx
+    (total, dw), dx = _chunked(body, x, targets, n_chunks, (jnp.zeros((), jnp.float32), jnp.zeros_like(w)))
+    return total, (dx, dw)
+
+
+def _softcap_ce_bwd(vocab_size, n_chunks, residuals, g):
+    dx, dw = residuals
+    return (g * dx).astype(dx.dtype), (g * dw).astype(dw.dtype), None
+
+
+softcap_cross_entropy_sum.defvjp(_softcap_ce_fwd, _softcap_ce_bwd)
 
 
 def loss_fn(params: Params, config: GPTConfig, idx: jax.Array, targets: jax.Array, reduction: str = "mean",
             loss_chunk_tokens: int | None = None) -> jax.Array:
     """Cross-entropy of the next-token prediction (nanochat `GPT.forward` with targets).
 
-    The head and the softmax run over chunks of tokens under `jax.checkpoint`, so the (tokens, vocab) float32
-    logits never exist all at once, neither in the forward nor in the backward pass.
+    The head and the softmax run over chunks of the sequence (`loss_chunk_tokens` tokens of the whole batch at a
+    time), so the (tokens, vocab) float32 logits never exist all at once. 'mean' and 'sum' use the fused
+    `softcap_cross_entropy_sum`, whose gradients come out of the forward pass; 'none' runs the chunks under
+    `jax.checkpoint` (recomputed in a backward pass).
 
     Args:
         idx, targets: int32 (B, T); targets == -1 are ignored.
         reduction: 'mean' (over valid targets; a scalar), 'sum' (scalar) or 'none' ((B, T) float32, 0 where ignored).
-        loss_chunk_tokens: tokens per chunk; default keeps a chunk's logits near 64 MiB.
+        loss_chunk_tokens: tokens (over the whole batch) per chunk; default keeps a chunk's logits near 1 GiB per
+            device (LOSS_CHUNK_ELEMENTS).
     Raises:
         ValueError: an unknown reduction, or T > config.sequence_len.
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     x, _ = _trunk(params, config, idx)
-    B, T, C = x.shape
-    n = B * T
-    chunk = loss_chunk_tokens or max(1, (1 << 24) // config.padded_vocab_size)
-    if chunk >= n or n % chunk:
-        losses = _token_losses(params, config, x.reshape(n, C), targets.reshape(n))
-    else:
-        step = jax.checkpoint(lambda xc, tc: _token_losses(params, config, xc, tc))
-        losses = jax.lax.map(lambda a: step(*a), (x.reshape(n // chunk, chunk, C), targets.reshape(n // chunk, chunk)))
-    losses = losses.reshape(B, T)
+    B, T, _ = x.shape
+    n_chunks = _loss_chunks(config, B, T, loss_chunk_tokens)
     if reduction == "none":
+        step = jax.checkpoint(lambda xc, tc: _token_losses(params, config, xc, tc))
+        _, losses = _chunked(lambda c, xt: (c, step(*xt)), x, targets, n_chunks, ())
         return losses
+    total = softcap_cross_entropy_sum(x, params["lm_head"], targets, config.vocab_size, n_chunks)
     if reduction == "sum":
-        return losses.sum()
-    return losses.sum() / jnp.maximum((targets >= 0).sum(), 1)
+        return total
+    return total / jnp.maximum((targets >= 0).sum(), 1)
 
 
 def init_kv_cache(config: GPTConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:

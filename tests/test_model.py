@@ -192,3 +192,50 @@ def test_sequence_too_long_raises():
     params = init_params(cfg, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="sequence_len"):
         forward(params, cfg, jnp.zeros((1, 9), jnp.int32))
+
+
+@pytest.mark.parametrize("window", [None, 5], ids=["causal", "window5"])
+def test_attention_backward_equals_autodiff(window):
+    # softmax_attention's hand-written backward against JAX differentiating its own XLA attention (GQA: 4 q heads
+    # on 2 kv heads).
+    from jaxchat.model import softmax_attention
+    kq, kk, kv, kr = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(kq, (2, 24, 4, 8))
+    k, v = jax.random.normal(kk, (2, 24, 2, 8)), jax.random.normal(kv, (2, 24, 2, 8))
+    r = jax.random.normal(kr, (2, 24, 4, 8))
+    local = None if window is None else (window, 0)
+    ref = lambda q, k, v: jnp.sum(jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local) * r)
+    ours = lambda q, k, v: jnp.sum(softmax_attention(q, k, v, window) * r)
+    np.testing.assert_allclose(float(ours(q, k, v)), float(ref(q, k, v)), rtol=1e-5)
+    for a, b in zip(jax.grad(ours, argnums=(0, 1, 2))(q, k, v), jax.grad(ref, argnums=(0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+
+
+@pytest.mark.parametrize("n_chunks", [1, 4])
+def test_fused_cross_entropy_equals_autodiff(n_chunks):
+    # The fused head + loss (gradients computed in the forward pass) against autodiff of the plain per-token loss,
+    # with a padded vocabulary (the padded head rows must get zero gradient) and ignored targets.
+    from jaxchat.model import _token_losses, softcap_cross_entropy_sum
+    cfg = GPTConfig(sequence_len=32, vocab_size=100, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+    assert cfg.padded_vocab_size > cfg.vocab_size
+    kx, kw, kt = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(kx, (2, 32, 32))
+    w = jax.random.normal(kw, (cfg.padded_vocab_size, 32)) * 0.5  # large enough that the softcap bends
+    targets = jax.random.randint(kt, (2, 32), 0, cfg.vocab_size).at[0, :7].set(-1)
+    ref = lambda x, w: jnp.sum(_token_losses({"lm_head": w}, cfg, x, targets))
+    ours = lambda x, w: softcap_cross_entropy_sum(x, w, targets, cfg.vocab_size, n_chunks)
+    np.testing.assert_allclose(float(ours(x, w)), float(ref(x, w)), rtol=1e-6)
+    (gx, gw), (rx, rw) = jax.grad(ours, argnums=(0, 1))(x, w), jax.grad(ref, argnums=(0, 1))(x, w)
+    np.testing.assert_allclose(np.asarray(gx), np.asarray(rx), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(gw), np.asarray(rw), atol=1e-5)
+    assert not np.asarray(gw[cfg.vocab_size:]).any()
+    assert not np.asarray(gx[0, :7]).any()  # ignored positions get no gradient
+
+
+def test_loss_chunks_divide_the_sequence():
+    from jaxchat.model import _loss_chunks
+    assert _loss_chunks(TINY, 4, 64, None) == 1  # small: one chunk
+    assert _loss_chunks(TINY, 4, 64, 64) == 4  # 256 tokens in chunks of <= 64 tokens: 4 slices of T
+    assert _loss_chunks(TINY, 4, 60, 64) == 4  # 240 tokens: 4 divides 60
+    assert _loss_chunks(TINY, 4, 7, 5) == 7  # no divisor of 7 between 6 and 7 but 7 itself
+    assert _loss_chunks(TINY, 4, 8, 1) == 8  # at most one position per chunk

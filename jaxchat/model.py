@@ -563,7 +563,8 @@ def loss_fn(params: Params, config: GPTConfig, idx: jax.Array, targets: jax.Arra
     B, T, _ = x.shape
     n_chunks = _loss_chunks(config, B, T, loss_chunk_tokens)
     if reduction == "none":
-        step = jax.checkpoint(lambda xc, tc: _token_losses(params, config, xc, tc))
+        step = lambda xc, tc: _token_losses(params, config, xc, tc)  # noqa: E731
+        step = jax.checkpoint(step) if n_chunks > 1 else step  # one chunk: nothing to save by recomputing
         _, losses = _chunked(lambda c, xt: (c, step(*xt)), x, targets, n_chunks, ())
         return losses
     total = softcap_cross_entropy_sum(x, params["lm_head"], targets, config.vocab_size, n_chunks)

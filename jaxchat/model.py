@@ -410,8 +410,12 @@ def _trunk(params: Params, config: GPTConfig, idx: jax.Array, kv_cache: KVCache 
 
 def _logits(params: Params, config: GPTConfig, x: jax.Array) -> jax.Array:
     """Head, crop the vocab padding, float32, softcap: 15 * tanh(z / 15)."""
-    logits = linear(x, params["lm_head"])[..., : config.vocab_size].astype(jnp.float32)
-    return SOFTCAP * jnp.tanh(logits / SOFTCAP)
+    return _softcap(linear(x, params["lm_head"])[..., : config.vocab_size].astype(jnp.float32))
+
+
+def _softcap(z: jax.Array) -> jax.Array:
+    """nanochat's logit softcap 15 * tanh(z / 15): logits squashed into (-15, 15)."""
+    return SOFTCAP * jnp.tanh(z / SOFTCAP)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -479,8 +483,7 @@ def _chunked(fn, x: jax.Array, targets: jax.Array, n_chunks: int, init):
 def _softcap_ce_terms(x: jax.Array, w: jax.Array, targets: jax.Array, vocab_size: int, with_grads: bool):
     """Summed softcapped cross-entropy of one chunk, and optionally its gradients (d sum/dx, d sum/dw)."""
     z = linear(x, w)[..., :vocab_size].astype(jnp.float32)
-    t = jnp.tanh(z / SOFTCAP)
-    logits = SOFTCAP * t
+    logits = _softcap(z)
     lse = jax.nn.logsumexp(logits, axis=-1)
     valid = targets >= 0
     safe = jnp.where(valid, targets, 0)
@@ -490,6 +493,7 @@ def _softcap_ce_terms(x: jax.Array, w: jax.Array, targets: jax.Array, vocab_size
         return loss_sum, None, None
     # d/dz of (lse - logits[target]) = (softmax(logits) - onehot(target)) * (1 - t^2), the tanh's derivative.
     onehot = jnp.arange(vocab_size) == safe[..., None]
+    t = logits / SOFTCAP
     dz = (jnp.exp(logits - lse[..., None]) - onehot) * (1.0 - t * t)
     dz = jnp.where(valid[..., None], dz, 0.0).astype(x.dtype)
     dx = jnp.einsum("...v,vc->...c", dz, w[:vocab_size].astype(x.dtype))

@@ -304,8 +304,9 @@ def _smear(params: Params, x: jax.Array, x_prev: jax.Array, has_prev: jax.Array)
 
 
 def _attention(block: Params, config: GPTConfig, x: jax.Array, ve: jax.Array | None, cos, sin, window: int,
-               layer_cache: tuple[jax.Array, jax.Array] | None, pos: jax.Array | None):
-    """One attention sublayer. Returns (y, updated (k_cache, v_cache) or None)."""
+               layer_cache: tuple[jax.Array, jax.Array] | None, pos: jax.Array | None, attend_len: int | None = None):
+    """One attention sublayer. Returns (y, updated (k_cache, v_cache) or None). With a cache, keys are read from
+    its first attend_len positions (static; default all)."""
     B, T, _ = x.shape
     H, K, D = config.n_head, config.n_kv_head, config.head_dim
     q = linear(x, block["c_q"]).reshape(B, T, H, D)
@@ -324,13 +325,13 @@ def _attention(block: Params, config: GPTConfig, x: jax.Array, ve: jax.Array | N
         return linear(y.reshape(B, T, H * D), block["c_proj"]), None
 
     # KV-cache path: write this chunk's k, v into the stacked cache in place (no per-layer slice-and-restack
-    # copies), then attend over the whole cache with a position mask. Einsums over grouped heads instead of
-    # dot_product_attention: on the (B, S, K, D) cache the latter transposes the cache on every decode step.
+    # copies), then attend over the cache's first attend_len positions with a position mask. Einsums over grouped
+    # heads instead of dot_product_attention: on the (B, S, K, D) cache the latter transposes it every decode step.
     k_all, v_all, layer = layer_cache
     for b in range(B):  # B is static; each row writes at its own position
         k_all = jax.lax.dynamic_update_slice(k_all, k[b][None, None].astype(k_all.dtype), (layer, b, pos[b], 0, 0))
         v_all = jax.lax.dynamic_update_slice(v_all, v[b][None, None].astype(v_all.dtype), (layer, b, pos[b], 0, 0))
-    kc, vc = k_all[layer].astype(q.dtype), v_all[layer].astype(q.dtype)  # (B, S, K, D)
+    kc, vc = k_all[layer, :, :attend_len].astype(q.dtype), v_all[layer, :, :attend_len].astype(q.dtype)  # (B,S,K,D)
     q_pos = pos[:, None] + jnp.arange(T)  # (B, T)
     delta = q_pos[:, :, None] - jnp.arange(kc.shape[1])[None, None, :]  # (B, T, S)
     mask = (delta >= 0) & (delta <= window)
@@ -348,7 +349,9 @@ def _attention(block: Params, config: GPTConfig, x: jax.Array, ve: jax.Array | N
         scores = jnp.where(mask[:, 0, :, None], scores, -jnp.inf)
         probs = jax.nn.softmax(scores, axis=1).astype(q.dtype)
         full = jnp.einsum("bsy,bsx->byx", probs, vc.reshape(B, -1, K * D)).reshape(B, K, G, K, D)
-        y = jnp.sum(full * eye[None, :, None, :, None], axis=3)  # the diagonal blocks: head k's own values
+        # The diagonal blocks: head k's own values. Static slices, not a masked sum: XLA fuses a reduce into the
+        # following c_proj matmul, where it runs several times slower than the matmul itself.
+        y = jnp.stack([full[:, k, :, k, :] for k in range(K)], axis=1)  # (B, K, G, D)
         return linear(y.reshape(B, 1, H * D), block["c_proj"]), (k_all, v_all, layer)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, kc, preferred_element_type=jnp.float32) * D ** -0.5
     scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
@@ -358,7 +361,7 @@ def _attention(block: Params, config: GPTConfig, x: jax.Array, ve: jax.Array | N
 
 
 def _trunk(params: Params, config: GPTConfig, idx: jax.Array, kv_cache: KVCache | None = None,
-           valid_len: jax.Array | None = None):
+           valid_len: jax.Array | None = None, attend_len: int | None = None):
     """Embedding through final norm. Returns (hidden (B, T, C) in compute dtype, new kv_cache or None)."""
     B, T = idx.shape
     dtype = compute_dtype()
@@ -393,7 +396,7 @@ def _trunk(params: Params, config: GPTConfig, idx: jax.Array, kv_cache: KVCache 
         ve = params["value_embeds"][str(i)].astype(dtype)[idx] if config.has_ve(i) else None
         layer_cache = None if kv_cache is None else (k_all, v_all, i)
         y, layer_cache = _attention(block["attn"], config, rms_norm(x), ve, cos, sin, config.window_sizes[i],
-                                    layer_cache, pos)
+                                    layer_cache, pos, attend_len)
         x = x + y
         h = linear(rms_norm(x), block["mlp"]["c_fc"])
         x = x + linear(jnp.square(jax.nn.relu(h)), block["mlp"]["c_proj"])
@@ -423,7 +426,7 @@ def _softcap(z: jax.Array) -> jax.Array:
 
 
 def forward(params: Params, config: GPTConfig, idx: jax.Array, kv_cache: KVCache | None = None,
-            valid_len: jax.Array | None = None):
+            valid_len: jax.Array | None = None, attend_len: int | None = None):
     """Logits of the next token at every position (nanochat `GPT.forward` without targets).
 
     Args:
@@ -434,12 +437,14 @@ def forward(params: Params, config: GPTConfig, idx: jax.Array, kv_cache: KVCache
             written at positions pos .. pos+T-1 (the caller keeps pos + T <= max_len: writes past the end are clamped).
         valid_len: optional int32 (B,): how many of the T tokens are real in a right-padded prefill. The new
             'pos' is pos + valid_len and smear's previous embedding is taken at valid_len - 1. Default T.
+        attend_len: optional static int: attention reads only the cache's first attend_len positions, which must
+            hold every row's pos + T (decode cost grows with the positions read, not the cache size). Default all.
     Returns:
         logits float32 (B, T, vocab_size), softcapped; with a cache, (logits, new_cache).
     Raises:
         ValueError: T > config.sequence_len without a cache.
     """
-    x, new_cache = _trunk(params, config, idx, kv_cache, valid_len)
+    x, new_cache = _trunk(params, config, idx, kv_cache, valid_len, attend_len)
     logits = _logits(params, config, x)
     return logits if kv_cache is None else (logits, new_cache)
 

@@ -12,7 +12,7 @@ import pytest
 
 from jaxchat import model as gpt
 from jaxchat.checkpoint import from_nanochat
-from jaxchat.engine import FORCED_SLOTS, Engine, bucket, cache_bucket
+from jaxchat.engine import FORCED_SLOTS, Engine, attend_bucket, bucket, cache_bucket, sample_next_token, swap_matrices
 
 ACTIVE = os.path.join(os.path.dirname(__file__), "fixtures", "nanochat-tiny", "active")
 TINY = gpt.GPTConfig(sequence_len=256, vocab_size=256, n_layer=3, n_head=4, n_kv_head=2, n_embd=64,
@@ -47,6 +47,34 @@ def test_bucket():
     assert [cache_bucket(n) for n in sizes] == [64, 64, 96, 96, 128, 192, 256, 256, 2048]
 
 
+def test_attend_bucket():
+    assert [attend_bucket(n, 256) for n in (1, 64, 65, 128, 129, 256)] == [64, 64, 128, 128, None, None]
+    assert attend_bucket(58, 96) == 64 and attend_bucket(66, 96) is None  # the whole cache: None, one shape
+
+
+def test_swap_matrices_transposes_the_linear_weights_only(tiny_params):
+    swapped = swap_matrices(tiny_params)
+    assert swapped["lm_head"].shape == tiny_params["lm_head"].shape[::-1]
+    assert swapped["h"][0]["attn"]["c_q"].shape == tiny_params["h"][0]["attn"]["c_q"].shape[::-1]
+    assert swapped["wte"].shape == tiny_params["wte"].shape  # gathered by row: stays (vocab, n_embd)
+    for name, table in tiny_params["value_embeds"].items():
+        assert swapped["value_embeds"][name] is table
+    back = swap_matrices(swapped)  # its own inverse
+    for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(tiny_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_greedy_sampling_is_argmax_with_first_index_ties():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((6, 300)).astype(np.float32)
+    logits[1, [7, 200]] = 9.0  # a tie: the first index wins, as jnp.argmax
+    logits[2, :] = 0.0
+    got = sample_next_token(jnp.asarray(logits), jax.random.PRNGKey(0), jnp.float32(0.0), None)
+    assert got.dtype == jnp.int32
+    assert got.tolist() == np.argmax(logits, axis=-1).tolist()
+    assert got.tolist()[1:3] == [7, 0]
+
+
 def test_greedy_matches_nanochat_reference(tiny_params):
     ref = json.load(open(os.path.join(ACTIVE, "greedy.json")))
     ref_logits = np.load(os.path.join(ACTIVE, "greedy_logits.npz"))["engine_step_logits"]
@@ -71,6 +99,16 @@ def test_engine_equals_full_recompute(tiny_params, prompt_len):
     for seq, mask in zip(seqs, masks):
         assert seq == prompt + expected
         assert mask == [0] * prompt_len + [1] * 20
+
+
+def test_engine_equals_full_recompute_across_attend_buckets(tiny_params):
+    # 50 + 30 positions: a 96-position cache whose first chunks attend to 64 positions, the later ones to all 96.
+    rng = np.random.default_rng(50)
+    prompt = rng.integers(0, TINY.vocab_size, 50).tolist()
+    assert cache_bucket(80) == 96 and attend_bucket(50 + 8, 96) == 64 and attend_bucket(50 + 24, 96) is None
+    engine = Engine(tiny_params, TINY, decode_chunk=8)
+    seqs, _ = engine.generate_batch(prompt, num_samples=2, max_tokens=30, temperature=0.0)
+    assert seqs == [prompt + naive_greedy(tiny_params, TINY, prompt, 30)] * 2
 
 
 def test_streaming_columns(tiny_params):

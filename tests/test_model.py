@@ -104,6 +104,26 @@ def test_kv_cache_prefill_and_decode_match_full_forward():
     assert cache["pos"].tolist() == [64, 64]
 
 
+def test_kv_cache_attend_len_reads_only_the_filled_positions():
+    # Decoding into a 128-position cache while attending to its first 32 or 64 positions gives the nanochat logits
+    # of the full forward, and the same cache: attend_len only narrows what attention reads.
+    d = SCENARIOS[1]
+    params = load_scenario(d)
+    io = np.load(os.path.join(d, "io.npz"))
+    idx = jnp.asarray(io["idx"])
+    step = jax.jit(forward, static_argnums=(1, 5))
+    logits, cache = step(params, TINY, idx[:, :24], init_kv_cache(TINY, 2, 128), None, 32)
+    outs, ref_cache = [logits], step(params, TINY, idx[:, :24], init_kv_cache(TINY, 2, 128), None, None)[1]
+    for t in range(24, 40):
+        logits, cache = step(params, TINY, idx[:, t:t + 1], cache, None, 32 if t < 32 else 64)
+        ref_cache = step(params, TINY, idx[:, t:t + 1], ref_cache, None, None)[1]
+        outs.append(logits)
+    np.testing.assert_allclose(np.concatenate([np.asarray(o) for o in outs], 1), io["logits"][:, :40], atol=TOL,
+                               rtol=0)
+    for key in ("k", "v", "pos", "prev_embd"):
+        np.testing.assert_allclose(np.asarray(cache[key]), np.asarray(ref_cache[key]), atol=1e-6, rtol=0)
+
+
 def test_kv_cache_right_padded_prefill():
     # A right-padded prefill with valid_len must leave the cache as if only the real tokens had been fed.
     d = SCENARIOS[1]

@@ -47,11 +47,11 @@ PyTree = Any
 BFLOAT16 = jnp.dtype(jnp.bfloat16)
 
 
-def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
-    """Batched matmul accumulated in float32 and rounded to the inputs' dtype (torch's bf16 matmul does the same).
-    Float32 inputs get full float32 precision, not TF32."""
+def _mm(a: jax.Array, b: jax.Array, spec: str = "...ij,...jk->...ik") -> jax.Array:
+    """Batched matmul (an einsum `spec`) accumulated in float32 and rounded to the inputs' dtype (torch's bf16
+    matmul does the same). Float32 inputs get full float32 precision, not TF32."""
     precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return jnp.matmul(a, b, preferred_element_type=jnp.float32, precision=precision).astype(a.dtype)
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=precision).astype(a.dtype)
 
 
 def polar_express(g: jax.Array, ns_steps: int = 5, dtype=BFLOAT16) -> jax.Array:
@@ -85,7 +85,9 @@ def polar_express(g: jax.Array, ns_steps: int = 5, dtype=BFLOAT16) -> jax.Array:
             poly = (b * gram.astype(f32) + c * _mm(gram, gram).astype(f32)).astype(dtype)
             x = (a * x.astype(f32) + _mm(x, poly).astype(f32)).astype(dtype)
         else:  # wide or square: the (R, R) Gram matrix
-            gram = _mm(x, jnp.swapaxes(x, -1, -2))
+            # x x^T as one einsum, not matmul(x, swapaxes(x)): XLA CPU then keeps the bf16 operands (the transposed
+            # one was upcast to float32 first, ~1.4x slower). Same products, same result.
+            gram = _mm(x, x, "...ik,...jk->...ij")
             poly = (b * gram.astype(f32) + c * _mm(gram, gram).astype(f32)).astype(dtype)
             x = (a * x.astype(f32) + _mm(poly, x).astype(f32)).astype(dtype)
     return x

@@ -184,3 +184,35 @@ def test_real_data_path_tokenizer_shards_sampling_and_exact_resume(capsys):
     assert meta["val_bpb"] == full["val_bpb"][2]
     resumed = pretrain.main(flags + ["--sample-every=-1", "--model-tag=real", "--resume-from-step=2"])
     assert resumed["losses"] == {s: full["losses"][s] for s in (2, 3)}
+
+
+def test_hugepage_reexec_is_skipped_when_set_or_opted_out(monkeypatch):
+    from jaxchat import common
+    calls = []
+    monkeypatch.setattr(os, "execve", lambda *a: calls.append(a))
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+    common.reexec_with_hugepage_malloc()
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    monkeypatch.setenv("JAXCHAT_NO_REEXEC", "1")
+    common.reexec_with_hugepage_malloc()
+    assert calls == []
+
+
+def test_hugepage_reexec_restarts_with_the_tunable_added():
+    import subprocess
+    import sys
+    try:
+        glibc = os.confstr("CS_GNU_LIBC_VERSION").split()
+        madvise = "[madvise]" in open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except (ValueError, OSError, AttributeError):
+        pytest.skip("not Linux/glibc with transparent huge pages")
+    if glibc[0] != "glibc" or tuple(map(int, glibc[1].split(".")[:2])) < (2, 35) or not madvise:
+        pytest.skip(f"re-exec does not apply here ({' '.join(glibc)}, THP madvise={madvise})")
+    code = ("import sys; from jaxchat.common import reexec_with_hugepage_malloc as r; r(); "
+            "import os; print(os.environ['GLIBC_TUNABLES'], sys.argv[1:])")
+    env = {k: v for k, v in os.environ.items() if k != "JAXCHAT_NO_REEXEC"}
+    env["GLIBC_TUNABLES"] = "glibc.malloc.check=0"  # kept, the hugetlb tunable appended
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code, "a", "--b=1"], env=env, cwd=root, capture_output=True,
+                         text=True, timeout=120)
+    assert out.stdout.strip() == "glibc.malloc.check=0:glibc.malloc.hugetlb=1 ['a', '--b=1']", out.stderr

@@ -22,7 +22,8 @@ import jax
 import numpy as np
 
 from jaxchat import model as gpt
-from jaxchat.common import compute_dtype, device_kind, get_peak_flops, maybe_init_distributed
+from jaxchat.common import (compute_dtype, device_kind, get_peak_flops, maybe_init_distributed,
+                            reexec_with_hugepage_malloc)
 from train import pretrain
 
 
@@ -96,4 +97,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    reexec_with_hugepage_malloc()  # before any work: see its docstring
     main()

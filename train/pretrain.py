@@ -41,7 +41,7 @@ from jaxchat import model as gpt
 from jaxchat import schedules as sched
 from jaxchat.engine import SAMPLE_PROMPTS
 from jaxchat.common import (get_base_dir, get_peak_flops, maybe_init_distributed, print0, compute_dtype,
-                            device_kind)
+                            device_kind, reexec_with_hugepage_malloc)
 
 B_REF = 2 ** 19  # nanochat: optimal total batch at d12, in tokens
 BATCH_EXPONENT = 0.383  # nanochat: B_opt ~ D ** 0.383
@@ -570,6 +570,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    reexec_with_hugepage_malloc()  # before any work: see its docstring
     try:
         main()
     except FloatingPointError as e:

@@ -32,7 +32,7 @@ import optax
 
 from jaxchat import model as gpt
 from jaxchat.checkpoint import checkpoint_dir, load_model_from, save_checkpoint
-from jaxchat.common import get_base_dir, maybe_init_distributed, print0
+from jaxchat.common import get_base_dir, maybe_init_distributed, print0, reexec_with_hugepage_malloc
 from jaxchat.engine import Engine
 from jaxchat.optim import make_optimizer, set_hparams
 from jaxchat.sharding import (batch_sharding, global_batch, make_mesh, opt_state_shardings, param_shardings,
@@ -357,4 +357,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    reexec_with_hugepage_malloc()  # before any work: see its docstring
     main(sys.argv[1:])

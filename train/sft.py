@@ -37,7 +37,8 @@ import numpy as np
 
 from jaxchat import model as gpt
 from jaxchat.checkpoint import checkpoint_dir, load_model_from, restore_checkpoint, save_checkpoint
-from jaxchat.common import device_kind, get_base_dir, get_peak_flops, maybe_init_distributed, print0
+from jaxchat.common import (device_kind, get_base_dir, get_peak_flops, maybe_init_distributed, print0,
+                            reexec_with_hugepage_malloc)
 from jaxchat.optim import make_optimizer
 from jaxchat.sft_data import SFTLoader
 from jaxchat.sharding import (abstract_with_shardings, batch_sharding, global_batch, make_mesh, opt_state_shardings,
@@ -461,4 +462,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    reexec_with_hugepage_malloc()  # before any work: see its docstring
     main(sys.argv[1:])

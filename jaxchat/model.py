@@ -328,9 +328,14 @@ def _attention(block: Params, config: GPTConfig, x: jax.Array, ve: jax.Array | N
     # copies), then attend over the cache's first attend_len positions with a position mask. Einsums over grouped
     # heads instead of dot_product_attention: on the (B, S, K, D) cache the latter transposes it every decode step.
     k_all, v_all, layer = layer_cache
-    for b in range(B):  # B is static; each row writes at its own position
-        k_all = jax.lax.dynamic_update_slice(k_all, k[b][None, None].astype(k_all.dtype), (layer, b, pos[b], 0, 0))
-        v_all = jax.lax.dynamic_update_slice(v_all, v[b][None, None].astype(v_all.dtype), (layer, b, pos[b], 0, 0))
+    if T == 1:  # decode: one scatter per cache instead of B tiny updates (each a separate op on CPU)
+        rows = jnp.arange(B)
+        k_all = k_all.at[layer, rows, pos].set(k[:, 0].astype(k_all.dtype), mode="clip", unique_indices=True)
+        v_all = v_all.at[layer, rows, pos].set(v[:, 0].astype(v_all.dtype), mode="clip", unique_indices=True)
+    else:
+        for b in range(B):  # B is static; each row writes at its own position
+            k_all = jax.lax.dynamic_update_slice(k_all, k[b][None, None].astype(k_all.dtype), (layer, b, pos[b], 0, 0))
+            v_all = jax.lax.dynamic_update_slice(v_all, v[b][None, None].astype(v_all.dtype), (layer, b, pos[b], 0, 0))
     kc, vc = k_all[layer, :, :attend_len].astype(q.dtype), v_all[layer, :, :attend_len].astype(q.dtype)  # (B,S,K,D)
     q_pos = pos[:, None] + jnp.arange(T)  # (B, T)
     delta = q_pos[:, :, None] - jnp.arange(kc.shape[1])[None, None, :]  # (B, T, S)

@@ -10,7 +10,9 @@ How it differs from nanochat, which runs one Python iteration and one device rou
   whose cache is broadcast to the rows, as nanochat does.
 - decode is a jitted `lax.while_loop` that emits up to `decode_chunk` tokens per host round-trip: sampling (greedy,
   temperature, top-k, a `jax.random` key folded with the step number), per-row done flags and forced tool tokens all
-  run on the device. The cache length is bucketed too and the cache is donated between chunks.
+  run on the device. The cache length is bucketed too and the cache is donated between chunks. Each chunk's
+  attention reads only the cache positions the rows can have filled by its end (`attend_bucket`), and on CPU the
+  loop reads the weight matrices stored (in, out) (`swap_matrices`), the faster layout for one token per row.
 - tool use: when a row emits <|python_end|> the loop stops early and hands control to the host, which decodes the
   expression, runs `jaxchat.calculator.use_calculator` and loads <|output_start|> result <|output_end|> into that
   row's forced-token buffer; the next chunk emits them (mask 0) in lockstep with the other rows' samples, exactly as
@@ -57,8 +59,9 @@ def bucket(n: int, minimum: int) -> int:
 def cache_bucket(n: int) -> int:
     """Decode cache length for n positions: the smallest 2^k or 1.5 * 2^k >= n (at least MIN_CACHE_BUCKET).
 
-    Decode attends over the whole cache, so its cost grows with this length: the half steps waste at most a third
-    of it instead of a half, for twice as many (still logarithmically few) compiled shapes.
+    The cache's size sets the memory and the last chunks' attention reads (earlier chunks read a prefix, see
+    `attend_bucket`): the half steps waste at most a third of it instead of a half, for twice as many (still
+    logarithmically few) compiled shapes.
     """
     size = bucket(n, MIN_CACHE_BUCKET)
     return size * 3 // 4 if size * 3 // 4 >= max(n, MIN_CACHE_BUCKET) else size
@@ -206,7 +209,11 @@ class Engine:
         decode_chunk: tokens emitted per host round-trip (streaming granularity vs. host overhead).
         cache_dtype: KV cache dtype; default the compute dtype (bfloat16 on GPU, float32 on CPU).
         forward_fn: the cached forward, `forward(params, config, idx, kv_cache=..., valid_len=...) -> (logits,
-            cache)`; default `jaxchat.model.forward`. Tests inject scripted models here.
+            cache)`; default `jaxchat.model.forward` (which the engine also passes `attend_len`). Tests inject
+            scripted models here.
+
+    On CPU the engine holds a second copy of the weight matrices, stored (in, out) for the decode loop
+    (`swap_matrices`): twice the weights' memory, for ~1.3x faster decode at batch 8.
     """
 
     def __init__(self, params, config: gpt.GPTConfig, tokenizer=None, *, decode_chunk: int = DECODE_CHUNK,

@@ -78,7 +78,7 @@ def reexec_with_hugepage_malloc() -> None:
 
     Why: XLA on CPU allocates each train step's temporaries as one fresh block (hundreds of MB at d4), which
     glibc maps anew and the kernel then faults in 4 KiB at a time: ~10% of a CPU step. With 2 MiB pages the
-    faults all but vanish (measured: d4 `train.bench`, 690-730 -> 630-680 ms). glibc reads the tunable only at
+    faults all but vanish (measured: d4 `train.bench`, 690-770 -> 630-680 ms). glibc reads the tunable only at
     start-up, hence the exec: it keeps the pid, argv, cwd and environment (plus `GLIBC_TUNABLES`), and happens
     before any work, so a launcher sees nothing but a slightly later start.
 

@@ -73,6 +73,20 @@ def compute_dtype() -> jnp.dtype:
 HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
 
 
+def hugepage_malloc_applies() -> bool:
+    """True where `glibc.malloc.hugetlb=1` takes effect and pays: Linux, glibc >= 2.35 (older glibc ignores the
+    tunable) and transparent huge pages in `madvise` mode (`always` needs nothing, `never` gains nothing)."""
+    if sys.platform != "linux":
+        return False
+    try:
+        libc, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            thp_madvise = "[madvise]" in f.read()
+    except (ValueError, OSError, AttributeError):
+        return False
+    return libc == "glibc" and tuple(int(v) for v in version.split(".")[:2]) >= (2, 35) and thp_madvise
+
+
 def reexec_with_hugepage_malloc() -> None:
     """Restart this process with glibc's malloc backing its large blocks by transparent huge pages.
 
@@ -82,21 +96,12 @@ def reexec_with_hugepage_malloc() -> None:
     start-up, hence the exec: it keeps the pid, argv, cwd and environment (plus `GLIBC_TUNABLES`), and happens
     before any work, so a launcher sees nothing but a slightly later start.
 
-    A no-op unless: Linux with glibc >= 2.35 (older glibc ignores the tunable), transparent huge pages in
-    `madvise` mode (`always` needs nothing, `never` gains nothing), the tunable not already set, and
-    `$JAXCHAT_NO_REEXEC` unset (set it to opt out). Call it first thing in an entry point's `__main__`.
+    A no-op unless `hugepage_malloc_applies()`, the tunable is not already set, and `$JAXCHAT_NO_REEXEC` is unset
+    (set it to opt out). Call it first thing in an entry point's `__main__`.
     """
     env = os.environ
-    if sys.platform != "linux" or env.get("JAXCHAT_NO_REEXEC") or \
-            "glibc.malloc.hugetlb" in env.get("GLIBC_TUNABLES", ""):
-        return
-    try:
-        libc, version = os.confstr("CS_GNU_LIBC_VERSION").split()
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            thp_madvise = "[madvise]" in f.read()
-    except (ValueError, OSError, AttributeError):
-        return
-    if libc != "glibc" or tuple(int(v) for v in version.split(".")[:2]) < (2, 35) or not thp_madvise:
+    if env.get("JAXCHAT_NO_REEXEC") or "glibc.malloc.hugetlb" in env.get("GLIBC_TUNABLES", "") or \
+            not hugepage_malloc_applies():
         return
     tunables = ":".join(t for t in (env.get("GLIBC_TUNABLES"), HUGEPAGE_TUNABLE) if t)
     sys.stdout.flush()

@@ -186,28 +186,35 @@ def test_real_data_path_tokenizer_shards_sampling_and_exact_resume(capsys):
     assert resumed["losses"] == {s: full["losses"][s] for s in (2, 3)}
 
 
-def test_hugepage_reexec_is_skipped_when_set_or_opted_out(monkeypatch):
+def test_hugepage_reexec_decides_when_to_restart(monkeypatch):
+    import sys
     from jaxchat import common
     calls = []
     monkeypatch.setattr(os, "execve", lambda *a: calls.append(a))
-    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+    monkeypatch.setattr(common, "hugepage_malloc_applies", lambda: True)  # whatever this machine is
+    monkeypatch.delenv("JAXCHAT_NO_REEXEC", raising=False)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")  # already set: no restart
     common.reexec_with_hugepage_malloc()
-    monkeypatch.delenv("GLIBC_TUNABLES")
-    monkeypatch.setenv("JAXCHAT_NO_REEXEC", "1")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.check=0")
+    monkeypatch.setenv("JAXCHAT_NO_REEXEC", "1")  # opted out
     common.reexec_with_hugepage_malloc()
     assert calls == []
+    monkeypatch.delenv("JAXCHAT_NO_REEXEC")
+    common.reexec_with_hugepage_malloc()
+    (exe, argv, env), = calls
+    assert exe == sys.executable and argv == [sys.executable, *sys.orig_argv[1:]]
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.check=0:glibc.malloc.hugetlb=1"
+    monkeypatch.setattr(common, "hugepage_malloc_applies", lambda: False)  # old glibc, THP never/always, not Linux
+    common.reexec_with_hugepage_malloc()
+    assert len(calls) == 1
 
 
 def test_hugepage_reexec_restarts_with_the_tunable_added():
     import subprocess
     import sys
-    try:
-        glibc = os.confstr("CS_GNU_LIBC_VERSION").split()
-        madvise = "[madvise]" in open("/sys/kernel/mm/transparent_hugepage/enabled").read()
-    except (ValueError, OSError, AttributeError):
-        pytest.skip("not Linux/glibc with transparent huge pages")
-    if glibc[0] != "glibc" or tuple(map(int, glibc[1].split(".")[:2])) < (2, 35) or not madvise:
-        pytest.skip(f"re-exec does not apply here ({' '.join(glibc)}, THP madvise={madvise})")
+    from jaxchat.common import hugepage_malloc_applies
+    if not hugepage_malloc_applies():
+        pytest.skip("re-exec does not apply here: needs Linux, glibc >= 2.35 and THP in madvise mode")
     code = ("import sys; from jaxchat.common import reexec_with_hugepage_malloc as r; r(); "
             "import os; print(os.environ['GLIBC_TUNABLES'], sys.argv[1:])")
     env = {k: v for k, v in os.environ.items() if k != "JAXCHAT_NO_REEXEC"}

@@ -52,22 +52,10 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 def compute_dtype() -> jnp.dtype:
-    """dtype for matmuls and activations (master weights stay float32).
+    """dtype for matmuls and activations on the active platform: see `jaxchat.backend.compute_dtype`."""
+    from jaxchat import backend
 
-    As nanochat's `COMPUTE_DTYPE`: `$JAXCHAT_DTYPE` (float32, bfloat16 or float16) wins; otherwise bfloat16
-    on GPU/TPU and float32 on CPU (CPU bfloat16 matmuls are slow and imprecise).
-
-    Raises:
-        ValueError: `$JAXCHAT_DTYPE` names another dtype.
-    """
-    env = os.environ.get("JAXCHAT_DTYPE")
-    if env:
-        table = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
-                 "float16": jnp.float16, "fp16": jnp.float16}
-        if env.lower() not in table:
-            raise ValueError(f"JAXCHAT_DTYPE={env!r}: expected one of float32, bfloat16, float16")
-        return jnp.dtype(table[env.lower()])
-    return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+    return backend.compute_dtype()
 
 
 HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
@@ -97,11 +85,14 @@ def reexec_with_hugepage_malloc() -> None:
     before any work, so a launcher sees nothing but a slightly later start.
 
     A no-op unless `hugepage_malloc_applies()`, the tunable is not already set, and `$JAXCHAT_NO_REEXEC` is unset
-    (set it to opt out). Call it first thing in an entry point's `__main__`.
+    (set it to opt out), and only where the process will run on CPU (`jaxchat.backend.launch_platform`).
+    Call it first thing in an entry point's `__main__`.
     """
     env = os.environ
+    from jaxchat import backend
+
     if env.get("JAXCHAT_NO_REEXEC") or "glibc.malloc.hugetlb" in env.get("GLIBC_TUNABLES", "") or \
-            not hugepage_malloc_applies():
+            backend.launch_platform() != "cpu" or not hugepage_malloc_applies():
         return
     tunables = ":".join(t for t in (env.get("GLIBC_TUNABLES"), HUGEPAGE_TUNABLE) if t)
     sys.stdout.flush()

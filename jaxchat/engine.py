@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxchat import backend
 from jaxchat import model as gpt
 from jaxchat.calculator import use_calculator
 from jaxchat.common import compute_dtype
@@ -222,7 +223,9 @@ class Engine:
             raise ValueError(f"decode_chunk must be >= 1, got {decode_chunk}")
         self.params = params
         # The decode loop's copy of the weights, (in, out) on CPU (see swap_matrices); accelerators read them as is.
-        self.swapped = jax.default_backend() == "cpu"
+        leaf = jax.tree.leaves(params)[0]
+        self.swapped = backend.decode_weights_swapped(
+            backend.platform_of(leaf) if isinstance(leaf, jax.Array) else backend.platform())
         self.decode_params = swap_matrices(params) if self.swapped else params
         self.config = config
         self.tokenizer = tokenizer

@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxchat import backend
 from jaxchat.common import compute_dtype
 
 Params = dict[str, Any]
@@ -232,12 +233,13 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, local_window: tuple[int, int] | None) -> jax.Array:
     """Causal (optionally sliding-window) attention, q (B, T, H, D), k/v (B, T, K, D) with K dividing H.
 
-    cuDNN's flash attention on GPU in bfloat16/float16 (it supports GQA and the causal sliding window); elsewhere,
+    cuDNN's flash attention on GPU in bfloat16/float16 (`jaxchat.backend.attention_impl`: the platform of the mesh
+    being traced for, not `jax.default_backend()`) (it supports GQA and the causal sliding window); elsewhere,
     or wherever cuDNN refuses the shape or version (it says so while tracing), `softmax_attention`, XLA einsums
     with a hand-written backward pass.
     local_window: (left, 0) lets position t see keys t-left .. t; None: all keys up to t.
     """
-    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+    if backend.attention_impl(q.dtype) == "cudnn":
         try:
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local_window,
                                                 implementation="cudnn")

@@ -163,3 +163,33 @@ def get_peak_flops(kind: str | None = None) -> float:
 def get_peak_bandwidth(kind: str | None = None) -> float | None:
     """Peak HBM bandwidth in bytes/s of one device of this kind, or None when unknown (e.g. CPU)."""
     return _lookup(_PEAK_BANDWIDTH, kind or device_kind())
+
+
+class UserError(Exception):
+    """A mistake the user can fix (a missing file, a bad flag, a corrupt shard). `run_cli` prints its message as
+    one line and exits with status 2; the message names the file, flag or field, and the command that fixes it."""
+
+
+def quiet_library_logs() -> None:
+    """Silence the INFO chatter of absl and orbax (dozens of lines at start-up); warnings and errors still show."""
+    for name in ("absl", "orbax", "orbax.checkpoint", "jax._src.xla_bridge"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    except ImportError:
+        pass
+
+
+def run_cli(main, *args, **kwargs):
+    """Run an entry point's `main`: a `UserError` becomes one line on stderr and exit status 2 (the traceback only
+    with `$JAXCHAT_DEBUG=1`); library INFO logs are quieted first. Returns what `main` returns."""
+    quiet_library_logs()
+    try:
+        return main(*args, **kwargs)
+    except UserError as e:
+        if os.environ.get("JAXCHAT_DEBUG") == "1":
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)

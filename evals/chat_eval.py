@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxchat.common import maybe_init_distributed, print0
+from jaxchat.common import maybe_init_distributed, print0, run_cli
 
 ALL_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee")
 # Random-guess accuracy: 1 of 4 for multiple choice, 0 for open-ended answers.
@@ -223,4 +223,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

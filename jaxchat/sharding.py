@@ -40,6 +40,7 @@ ZERO_AXES = (DATA_AXIS, FSDP_AXIS)  # optimizer state too (ZeRO-1)
 # 'fsdp'; scalars and the tiny gates stay replicated. With fsdp=1 all of this means "replicated".
 PARAM_RULES: tuple[tuple[str, P], ...] = (
     (r"^(wte|lm_head|value_embeds/\d+)$", P(FSDP_AXIS, None)),
+    (r"^bigram_embed$", P(FSDP_AXIS, None)),  # the hashed bigram table (vocab * factor rows), as wte
     (r"^h/\d+/(attn|mlp)/c_(q|k|v|proj|fc)$", P(FSDP_AXIS, None)),
     (r".*", P()),
 )
@@ -50,6 +51,7 @@ PARAM_RULES: tuple[tuple[str, P], ...] = (
 OPT_STATE_RULES: tuple[tuple[str, P], ...] = (
     (r"(^|/)(momentum_buffer|second_momentum_buffer)/\d+x\d+$", P(ZERO_AXES)),
     (r"(^|/)(mu|nu)/(wte|lm_head|value_embeds/\d+)$", P(ZERO_AXES, None)),
+    (r"(^|/)(mu|nu)/bigram_embed$", P(ZERO_AXES, None)),
     (r"(^|/)(mu|nu)/h/\d+/(attn|mlp)/c_\w+$", P(ZERO_AXES, None)),  # when AdamW runs on block matrices (tests)
     (r".*", P()),
 )

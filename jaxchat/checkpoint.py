@@ -201,6 +201,8 @@ def _nanochat_names(config: GPTConfig) -> dict[str, tuple]:
              "resid_lambdas": ("resid_lambdas",), "x0_lambdas": ("x0_lambdas",),
              "smear_gate.weight": ("smear_gate",), "smear_lambda": ("smear_lambda",),
              "backout_lambda": ("backout_lambda",)}
+    if config.bigram_embed_factor:  # nanochat 412e9a1; without bigrams its bigram_lambdas is a non-persistent buffer
+        names.update({"bigram_embed.weight": ("bigram_embed",), "bigram_lambdas": ("bigram_lambdas",)})
     for i in range(config.n_layer):
         for sub, mats in (("attn", ("c_q", "c_k", "c_v", "c_proj")), ("mlp", ("c_fc", "c_proj"))):
             for m in mats:

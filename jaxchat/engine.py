@@ -127,7 +127,8 @@ def _prefill(params, idx, valid_len, *, config, forward_fn, num_rows, max_len, c
 
 
 def swap_matrices(params):
-    """Transpose every 2-D leaf except the embedding tables (wte, value_embeds): the layout the decode loop reads.
+    """Transpose every 2-D leaf except the embedding tables (wte, value_embeds, bigram_embed): the layout the decode
+    loop reads.
 
     Its own inverse. At one token per row a matmul against an (out, in) weight is ~2x slower on CPU than against
     the same weight stored (in, out), so the engine keeps a swapped copy there and swaps back inside the loop body,
@@ -135,7 +136,7 @@ def swap_matrices(params):
     """
     def swap(path, x):
         keys = {getattr(k, "key", None) for k in path}
-        return x.T if x.ndim == 2 and not keys & {"wte", "value_embeds"} else x
+        return x.T if x.ndim == 2 and not keys & {"wte", "value_embeds", "bigram_embed"} else x
     return jax.tree_util.tree_map_with_path(swap, params)
 
 

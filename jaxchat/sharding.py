@@ -40,6 +40,7 @@ ZERO_AXES = (DATA_AXIS, FSDP_AXIS)  # optimizer state too (ZeRO-1)
 # 'fsdp'; scalars and the tiny gates stay replicated. With fsdp=1 all of this means "replicated".
 PARAM_RULES: tuple[tuple[str, P], ...] = (
     (r"^(wte|lm_head|value_embeds/\d+)$", P(FSDP_AXIS, None)),
+    (r"^bigram_embed$", P(FSDP_AXIS, None)),  # the hashed bigram table (vocab * factor rows), as wte
     (r"^h/\d+/(attn|mlp)/c_(q|k|v|proj|fc)$", P(FSDP_AXIS, None)),
     (r".*", P()),
 )
@@ -50,6 +51,7 @@ PARAM_RULES: tuple[tuple[str, P], ...] = (
 OPT_STATE_RULES: tuple[tuple[str, P], ...] = (
     (r"(^|/)(momentum_buffer|second_momentum_buffer)/\d+x\d+$", P(ZERO_AXES)),
     (r"(^|/)(mu|nu)/(wte|lm_head|value_embeds/\d+)$", P(ZERO_AXES, None)),
+    (r"(^|/)(mu|nu)/bigram_embed$", P(ZERO_AXES, None)),
     (r"(^|/)(mu|nu)/h/\d+/(attn|mlp)/c_\w+$", P(ZERO_AXES, None)),  # when AdamW runs on block matrices (tests)
     (r".*", P()),
 )
@@ -166,7 +168,7 @@ def sharded_muon_update(mesh: Mesh, axes: tuple[str, ...] = ZERO_AXES):
     scalar = P()
 
     def update(grads, params, momentum_buffer, second_momentum_buffer, *, learning_rate, momentum, weight_decay,
-               beta2=0.9, ns_steps: int = 5, ns_dtype=jnp.bfloat16):
+               beta2=0.9, ns_steps: int = 5, ns_dtype=jnp.bfloat16, **options):
         n = _axis_size(mesh, axes)
         if grads.shape[0] % n:
             raise ValueError(f"sharded Muon: stack of {grads.shape[0]} matrices does not split over {n} devices; "
@@ -174,7 +176,7 @@ def sharded_muon_update(mesh: Mesh, axes: tuple[str, ...] = ZERO_AXES):
 
         def local(g, p, mb, smb, lr, mu, wd, b2):
             return muon_update_stacked(g, p, mb, smb, learning_rate=lr, momentum=mu, weight_decay=wd, beta2=b2,
-                                       ns_steps=ns_steps, ns_dtype=ns_dtype)
+                                       ns_steps=ns_steps, ns_dtype=ns_dtype, **options)  # muon_eq, muon_plus
 
         f32 = lambda v: jnp.asarray(0.0 if v is None else v, jnp.float32)  # noqa: E731
         fn = shard_map(local, mesh=mesh, in_specs=(stack, stack, stack, stack, scalar, scalar, scalar, scalar),

@@ -85,7 +85,8 @@ def muon_stack_paths(params: PyTree) -> dict[str, list[str]]:
 
 def make_optimizer(params: PyTree, config, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
                    scalar_lr=0.5, *, ns_dtype=BFLOAT16, stack_multiple: int = 1,
-                   muon_update_fn: Callable | None = None) -> optax.GradientTransformation:
+                   muon_update_fn: Callable | None = None, muon_eq: str = "row",
+                   muon_plus: bool = True) -> optax.GradientTransformation:
     """nanochat's `setup_optimizer`: AdamW for embeddings, head and scalars, Muon for the block matrices.
 
     Args:
@@ -102,6 +103,7 @@ def make_optimizer(params: PyTree, config, unembedding_lr=0.004, embedding_lr=0.
         ValueError: a parameter outside nanochat's groups, or a non-2-D block parameter.
     Source: nanochat/gpt.py `GPT.setup_optimizer`, nanochat/optim.py `MuonAdamW`.
     """
+    del muon_eq, muon_plus  # wired by the recipe branch (MuonEq / Muon+); accepted here so the trainer can pass them
     param_labels(params)  # fail now, with the parameter's name, rather than inside jit
     s = (config.n_embd / 768) ** -0.5
     adamw_groups = {  # group: (lr, (beta1, beta2), weight decay)

@@ -29,6 +29,7 @@ import numpy as np
 from jax import shard_map
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxchat.multihost import global_batch  # noqa: F401  (re-exported: callers import it from here)
 from jaxchat.muon import muon_update_stacked
 
 DATA_AXIS = "data"
@@ -140,17 +141,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs of `tree` carrying `shardings` (what orbax restore and `jax.jit` lowering want)."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
-def global_batch(local: np.ndarray, sharding: NamedSharding, global_shape: tuple[int, ...]) -> jax.Array:
-    """A global array from this process's rows (the batch axis is split across processes in process order).
-
-    Args:
-        local: this process's share, e.g. (micro_steps, B_local, T) int32.
-        sharding: from `batch_sharding`.
-        global_shape: e.g. (micro_steps, B_local * process_count, T).
-    """
-    return jax.make_array_from_process_local_data(sharding, local, global_shape)
 
 
 def sharded_muon_update(mesh: Mesh, axes: tuple[str, ...] = ZERO_AXES):

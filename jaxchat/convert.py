@@ -74,11 +74,7 @@ def write_nanochat(dst: str, step: int, params, config: GPTConfig, meta: dict) -
     meta_path = os.path.join(dst, f"meta_{step:06d}.json")
     torch.save(state_dict, model_path)
     meta = dict(meta)
-    model_config = config.to_dict()
-    if not config.bigram_embed_factor:  # nanochat versions before the bigram branch reject these GPTConfig fields
-        for key in ("bigram_embed_factor", "bigram_lambda_init"):
-            model_config.pop(key)
-    meta["model_config"] = model_config
+    meta["model_config"] = config.to_dict()  # without the bigram fields when off, as nanochat before 412e9a1
     meta["step"] = step
     with open(meta_path, "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)

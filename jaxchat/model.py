@@ -131,7 +131,12 @@ class GPTConfig:
         return layer % 2 == (self.n_layer - 1) % 2
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields as a dict (a checkpoint's `model_config`); the bigram fields only when bigram_embed_factor > 0,
+        since nanochat versions without bigram embeddings (5019acc, HEAD) reject them in their GPTConfig."""
+        d = dataclasses.asdict(self)
+        if not self.bigram_embed_factor:
+            del d["bigram_embed_factor"], d["bigram_lambda_init"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":

@@ -6,7 +6,8 @@
 A nanochat checkpoint directory holds `model_NNNNNN.pt` (a `torch.save` of the state_dict) and `meta_NNNNNN.json`
 (with `model_config`), as written by nanochat's `checkpoint_manager.save_checkpoint`; the newest step is used unless
 `--step`. Checkpoints of nanochat's bigram branch (412e9a1: `bigram_embed.weight`, `bigram_lambdas`, and
-`bigram_embed_factor` in `model_config`) convert both ways. Reading or writing `.pt` files needs PyTorch: `pip install -e '.[torch]'`.
+`bigram_embed_factor` in `model_config`) convert both ways. Reading or writing `.pt` files needs PyTorch:
+`pip install -e '.[torch]'`.
 """
 
 from __future__ import annotations

@@ -700,8 +700,8 @@ def num_scaling_params(config: GPTConfig) -> dict[str, int]:
 def estimate_flops(config: GPTConfig) -> int:
     """Training FLOPs per token (forward + backward), nanochat's `estimate_flops`.
 
-    6 per matmul weight (embeddings, the bigram table and scalars excluded), plus 12 * n_head * head_dim * min(window, seq_len) per layer
-    for the attention scores and values.
+    6 per matmul weight (embeddings, the bigram table and scalars excluded), plus
+    12 * n_head * head_dim * min(window, seq_len) per layer for the attention scores and values.
     """
     counts = num_scaling_params(config)
     matmul_params = (counts["total"] - counts["wte"] - counts["bigram_embed"] - counts["value_embeds"]

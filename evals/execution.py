@@ -296,14 +296,21 @@ def unsafe_exec_requested() -> bool:
     return os.environ.get("JAXCHAT_UNSAFE_EXEC", "").strip().lower() in ("1", "true", "yes")
 
 
+def _refusal(problem: str) -> SandboxUnavailable:
+    return SandboxUnavailable(
+        f"refusing to run model-written code without isolation: {problem}. Install bubblewrap "
+        f"(`apt-get install bubblewrap`; user namespaces must be enabled), or accept the risk with "
+        f"`--unsafe-exec` (JAXCHAT_UNSAFE_EXEC=1)")
+
+
 def require_isolation() -> None:
     """Raise SandboxUnavailable (a one-line UserError with the fix) unless bwrap works or unsafe exec was asked for."""
     problem = sandbox_problem()
     if problem is not None and not unsafe_exec_requested():
-        raise SandboxUnavailable(
-            f"refusing to run model-written code without isolation: {problem}. Install bubblewrap "
-            f"(`apt-get install bubblewrap`; user namespaces must be enabled), or accept the risk with "
-            f"`--unsafe-exec` (JAXCHAT_UNSAFE_EXEC=1)")
+        raise _refusal(problem)
+
+
+_warned_unsafe = False
 
 
 def _read_all(f, limit: int) -> str:
@@ -445,8 +452,12 @@ def execute_code(code: str, timeout: float = 5.0, maximum_memory_bytes: Optional
     problem = sandbox_problem()
     if problem is not None:
         if not (unsafe if unsafe is not None else unsafe_exec_requested()):
-            require_isolation()  # raises, with the reason and the fix
-            raise SandboxUnavailable(problem)  # unsafe=False while the environment said yes
+            raise _refusal(problem)
+        global _warned_unsafe
+        if not _warned_unsafe:
+            _warned_unsafe = True
+            print(f"evals.execution: running model-written code WITHOUT isolation (unsafe exec): {problem}",
+                  file=sys.stderr)
         bwrap = None
     else:
         bwrap = _bwrap_path()

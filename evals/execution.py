@@ -5,19 +5,26 @@ the kernel instead of on Python-level patches, which introspection always walks 
 (no SIGALRM, no `multiprocessing`, no `preexec_fn`).
 
 What is isolated (Debian's `bubblewrap`, `bwrap`, one sandbox per call):
-- Namespaces: user, mount, pid, net, ipc and uts (and cgroup where the kernel has it). The program runs as uid/gid
-  65534 ("nobody") of its own user namespace with every capability dropped and no way to make a nested user
-  namespace (`--disable-userns`). When the caller is root the namespace maps 65534 to the caller, so on the host
-  side the program is root *without any capability*: it can reach only what the mount namespace shows it.
+- Namespaces: user, mount, pid, net, ipc and uts (and cgroup where the kernel has it). All six work in the
+  containers these machines run (root, kernel 6.x); without user namespaces there is no sandbox (see below).
+- User: the program never runs as root of any namespace and holds no capability. As root (the usual case here),
+  `execute_code` builds once per process a user namespace that maps 0 to 0 (bwrap needs it for the mounts) and a
+  block of otherwise unused uids (2**30 .. 2**30 + 65535) onto themselves, with nested user namespaces capped at 0;
+  bwrap enters it, and the harness switches to a uid of its own for each run before the program starts. A real,
+  unprivileged kernel uid matters: the kernel does not apply RLIMIT_NPROC to uid 0. As a non-root caller, bwrap
+  makes the namespace itself and the program is uid/gid 65534 there (`--disable-userns`, `--cap-drop ALL`).
+  Set-uid binaries do nothing (bwrap mounts nosuid and sets no_new_privs).
 - Filesystem: a read-only view of `/usr` (and the merged-`/usr` links `/bin`, `/lib`, `/lib64`) and of the Python
-  installation's prefixes; nothing else of the host (no `/etc`, `/home`, `/root`, `/work`, `/sys`). `/tmp` is a
-  private size-limited tmpfs (the working directory, `HOME` and `TMPDIR`); `/dev` is bwrap's minimal one; `/proc`
-  belongs to the new pid namespace.
+  installation's prefixes; nothing else of the host (no `/etc`, `/home`, `/work`, the rest of `/root`, `/sys`).
+  `/tmp` is a private, size-limited tmpfs (the working directory, `HOME` and `TMPDIR`); `/dev` is bwrap's minimal
+  one; `/proc` belongs to the new pid namespace. The interpreter runs `-I -S`: site-packages are on `sys.path`
+  (numpy imports) but no `.pth` file runs.
 - Network: an empty network namespace (only its own loopback), so nothing on the host, 127.0.0.1 included, is
   reachable.
 - Processes: the program leads a new session (`--new-session`, no terminal to inject into) inside a new pid
-  namespace whose init dies with the caller (`--die-with-parent`). Killing that init makes the kernel kill every
-  process of the namespace, `setsid` orphans included; this happens at the end of every call.
+  namespace whose init dies with the caller (`--die-with-parent`). At the end of every call, and at the wall-clock
+  timeout, the init is SIGKILLed through a pidfd and the kernel kills every process of the namespace, `setsid`
+  orphans included, before `execute_code` returns.
 
 Limits (setrlimit in the child, hard = soft, so the program cannot raise them): CPU seconds (RLIMIT_CPU,
 `ceil(timeout) + 1`), address space (RLIMIT_AS and RLIMIT_DATA, `maximum_memory_bytes`), processes and threads
@@ -36,7 +43,9 @@ the nonce protects the score from ordinary early exits.)
 Where no isolation is available (no `bwrap`, or its self-check fails: e.g. user namespaces disabled), `execute_code`
 refuses with `SandboxUnavailable`, unless the caller opts out explicitly (`unsafe=True`, or `JAXCHAT_UNSAFE_EXEC=1`,
 which `python -m evals.chat_eval --unsafe-exec` sets): then the program runs as a plain child process with the same
-limits, a temporary working directory and its own session, and nothing else between it and the host.
+limits, a temporary working directory, its own session (killed at the end) and nanochat's accident guard (os.system,
+os.kill, shutil.rmtree, subprocess.Popen disabled; nothing that breaks imports), and nothing else between it and the
+host.
 """
 
 from __future__ import annotations
@@ -64,8 +73,9 @@ _EXIT_OK, _EXIT_ERROR, _EXIT_MEMORY = 0, 3, 4
 _SANDBOX_UID = 65534  # "nobody" inside the sandbox's user namespace
 
 
-class SandboxUnavailable(UserError):
-    """No operating-system isolation here, and the caller did not opt out with `--unsafe-exec`."""
+class SandboxUnavailable(UserError, OSError):
+    """No operating-system isolation here, and the caller did not opt out with `--unsafe-exec`. An OSError too, so
+    callers that skip an eval whose inputs are missing (SFT's ChatCORE) skip HumanEval the same way."""
 
 
 @dataclass

@@ -226,11 +226,31 @@ def test_20_gb_allocation_is_refused():
 
 
 @needs_bwrap
-def test_infinite_loop_times_out():
+def test_infinite_loop_times_out_and_its_children_die():
+    tag = f"jaxchat-loop-{uuid.uuid4().hex}"
     t0 = time.time()
-    r = execute_code("while True:\n    pass", timeout=1.0)
-    assert r.timeout and not r.success and r.error == "Execution timed out"
+    r = execute_code(f"""
+import os, sys
+if os.fork() == 0:
+    os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(60)  # {tag}"])
+print("looping", flush=True)
+while True:
+    pass
+""", timeout=1.0)
+    assert r.timeout and not r.success and r.error == "Execution timed out" and "looping" in r.stdout
     assert time.time() - t0 < 4
+    assert processes_with(tag) == []  # the timeout killed the whole pid namespace
+
+
+@needs_bwrap
+def test_host_files_are_not_visible(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("host data")
+    repo_file = os.path.abspath(__file__)
+    r = execute_code(f"import os\nfor p in ({str(secret)!r}, {repo_file!r}, '/etc/passwd', '/etc/shadow'):\n"
+                     f"    print(p, os.path.exists(p))")
+    assert r.success, r.stderr
+    assert r.stdout.count(" False") == 4, r.stdout
 
 
 @needs_bwrap

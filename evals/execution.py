@@ -258,10 +258,11 @@ def _bwrap_command(bwrap: str, tmp_bytes: int, userns_fd: Optional[int]) -> list
             "--chdir", "/tmp"]
 
 
-# The self-check program: it must see itself as nobody without capabilities, a read-only root and only a loopback
-# interface, or the sandbox is not what this module promises.
-_PROBE = f"""
-import os, subprocess
+# The self-check program: it must see itself as an unprivileged uid without capabilities, a read-only view without
+# the host's files, only a loopback interface and no nested user namespaces, or the sandbox is not what this module
+# promises.
+_PROBE = """
+import os, shutil, subprocess
 assert os.getuid() != 0 and os.getgid() != 0 and os.getgroups() in ([], [os.getgid()]), (os.getuid(), os.getgid())
 caps = [l for l in open('/proc/self/status') if l.startswith('CapEff')][0].split()[1]
 assert int(caps, 16) == 0, caps
@@ -274,7 +275,8 @@ except OSError:
 ifaces = [l.split(':')[0].strip() for l in open('/proc/net/dev').readlines()[2:]]
 assert ifaces == ['lo'], ifaces
 open('/tmp/probe', 'w').write('ok')
-assert subprocess.run(['unshare', '--user', 'true'], capture_output=True).returncode != 0, 'nested user namespace'
+if shutil.which('unshare'):
+    assert subprocess.run(['unshare', '--user', 'true'], capture_output=True).returncode != 0, 'nested user namespace'
 """
 
 _probe_lock = threading.Lock()
@@ -294,8 +296,8 @@ def sandbox_problem() -> Optional[str]:
             try:
                 r = _run(_PROBE, bwrap, timeout=20.0, memory_bytes=512 << 20, nproc=16, file_bytes=1 << 20,
                          output_bytes=1 << 14, tmp_bytes=1 << 20, guard=False)
-                _probe_cache[bwrap] = None if r.success else (
-                    f"{bwrap} fails its self-check: {r.error}; {r.stderr.strip()[-300:]}")
+                detail = " | ".join(r.stderr.strip().splitlines()[-3:])  # one line: the message is a UserError
+                _probe_cache[bwrap] = None if r.success else (f"{bwrap} fails its self-check: {r.error}" + (f" ({detail})" if detail else ""))
             except OSError as e:
                 _probe_cache[bwrap] = f"{bwrap} cannot start: {e}"
         return _probe_cache[bwrap]

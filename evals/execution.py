@@ -164,7 +164,7 @@ def _bwrap_path() -> Optional[str]:
 
 
 def _ro_view() -> list[str]:
-    """bwrap arguments for the read-only filesystem the interpreter needs: /usr, merged-/usr links, Python's prefixes."""
+    """bwrap arguments for the read-only view the interpreter needs: /usr, merged-/usr links, Python's prefixes."""
     args = ["--ro-bind", "/usr", "/usr"]
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(top):
@@ -297,7 +297,8 @@ def sandbox_problem() -> Optional[str]:
                 r = _run(_PROBE, bwrap, timeout=20.0, memory_bytes=512 << 20, nproc=16, file_bytes=1 << 20,
                          output_bytes=1 << 14, tmp_bytes=1 << 20, guard=False)
                 detail = " | ".join(r.stderr.strip().splitlines()[-3:])  # one line: the message is a UserError
-                _probe_cache[bwrap] = None if r.success else (f"{bwrap} fails its self-check: {r.error}" + (f" ({detail})" if detail else ""))
+                reason = f"{bwrap} fails its self-check: {r.error}" + (f" ({detail})" if detail else "")
+                _probe_cache[bwrap] = None if r.success else reason
             except OSError as e:
                 _probe_cache[bwrap] = f"{bwrap} cannot start: {e}"
         return _probe_cache[bwrap]

@@ -379,8 +379,11 @@ def _run(code: str, bwrap: Optional[str], *, timeout: float, memory_bytes: Optio
                 if bwrap is not None:
                     # bwrap writes the namespace init's pid once it exists (EOF if it failed before that); a pidfd
                     # names that process exactly, so killing it cannot hit a recycled pid
-                    info = b""
-                    while chunk := os.read(info_r, 4096):
+                    info, deadline = b"", time.monotonic() + timeout
+                    while select.select([info_r], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                        chunk = os.read(info_r, 4096)
+                        if not chunk:
+                            break
                         info += chunk
                     try:
                         pidfd = os.pidfd_open(json.loads(info)["child-pid"])

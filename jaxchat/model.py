@@ -131,7 +131,12 @@ class GPTConfig:
         return layer % 2 == (self.n_layer - 1) % 2
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields as a dict (a checkpoint's `model_config`); the bigram fields only when bigram_embed_factor > 0,
+        since nanochat versions without bigram embeddings (5019acc, HEAD) reject them in their GPTConfig."""
+        d = dataclasses.asdict(self)
+        if not self.bigram_embed_factor:
+            del d["bigram_embed_factor"], d["bigram_lambda_init"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
@@ -695,8 +700,8 @@ def num_scaling_params(config: GPTConfig) -> dict[str, int]:
 def estimate_flops(config: GPTConfig) -> int:
     """Training FLOPs per token (forward + backward), nanochat's `estimate_flops`.
 
-    6 per matmul weight (embeddings, the bigram table and scalars excluded), plus 12 * n_head * head_dim * min(window, seq_len) per layer
-    for the attention scores and values.
+    6 per matmul weight (embeddings, the bigram table and scalars excluded), plus
+    12 * n_head * head_dim * min(window, seq_len) per layer for the attention scores and values.
     """
     counts = num_scaling_params(config)
     matmul_params = (counts["total"] - counts["wte"] - counts["bigram_embed"] - counts["value_embeds"]

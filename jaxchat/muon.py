@@ -18,8 +18,8 @@ One Muon step on a stack of K same-shaped matrices (nanochat `nanochat/optim.py`
    lr scaled by max(1, R/C) ** 0.5.
 
 Precision follows nanochat's compiled kernel (the reference outputs in tests/fixtures/nanochat-tiny come from it):
-the buffers and the parameter are float32; MuonEq, the Polar Express iterations and Muon+ run in bfloat16 (`ns_dtype`, float32
-selectable) with matmuls accumulated in float32 and each iterate rounded once; everything after it (NorMuon
+the buffers and the parameter are float32; MuonEq, the Polar Express iterations and Muon+ run in bfloat16
+(`ns_dtype`, float32 selectable) with matmuls accumulated in float32 and each iterate rounded once; everything after it (NorMuon
 statistics, the scalars beta2, lr, weight decay, the final update) is float32. The fixture shows that the compiled
 kernel does not round beta2/lr/wd to bfloat16 although the eager source writes `.to(g.dtype)`: the second moment
 after one step is exactly (1 - 0.9) * v_mean and lr * wd exactly 0.004.

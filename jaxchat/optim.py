@@ -11,11 +11,11 @@ pytree (see jaxchat/model.py):
 | resid_lambdas  | resid_lambdas                               | AdamW | scalar_lr * 0.01                | 0.8, 0.95   | 0.05  |
 | x0_lambdas     | x0_lambdas                                  | AdamW | scalar_lr                       | 0.96, 0.95  | 0.0   |
 | smear          | smear_gate, smear_lambda, backout_lambda    | AdamW | 0.2                             | 0.8, 0.95   | 0.0   |
-| bigram_embed   | bigram_embed                                | AdamW | embedding_lr * s * bigram_embedding_lr_mult | 0.75, 0.95 | 0.01 |
-| bigram_lambdas | bigram_lambdas                              | AdamW | bigram_lambda_lr * s            | 0.9, 0.95   | 0.0   |
+| bigram_embed   | bigram_embed                                | AdamW | embedding_lr * s * mult (1.0)   | 0.75, 0.95  | 0.01  |
+| bigram_lambdas | bigram_lambdas                              | AdamW | bigram_lambda_lr (0.004) * s    | 0.9, 0.95   | 0.0   |
 | muon           | every matrix under h/ (incl. ve_gate)       | Muon  | matrix_lr (* sqrt(R/C) if tall) | mom 0.95    | weight_decay |
 
-with s = (n_embd / 768) ** -0.5 and AdamW eps = 1e-10 everywhere. The two bigram groups exist only when the params
+with s = (n_embd / 768) ** -0.5, mult = bigram_embedding_lr_mult and AdamW eps = 1e-10 everywhere. The two bigram groups exist only when the params
 have those keys (`GPTConfig.bigram_embed_factor > 0`; nanochat's bigram speedrun branch, commit 412e9a1), so a model
 without them has exactly the optimizer state it had before. Muon applies MuonEq (row) and Muon+ by default, as
 nanochat HEAD; `muon_eq="none", muon_plus=False` is nanochat 5019acc. optax's `adamw` computes nanochat's fused AdamW:

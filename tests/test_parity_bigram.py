@@ -174,3 +174,21 @@ def test_nanochat_checkpoint_converts_both_ways(tmp_path, ref):
         assert torch.equal(a[key].float(), b[key]), key
     model_config = json.loads((tmp_path / "meta_000000.json").read_text())["model_config"]
     assert model_config["bigram_embed_factor"] == 5 and model_config["bigram_lambda_init"] == 0.05
+
+
+def test_bigram_table_and_its_moments_are_sharded_like_wte():
+    if jax.device_count() < 8:
+        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    from jax.sharding import PartitionSpec as P
+    from jaxchat import sharding as shd
+    from jaxchat.model import param_shapes
+    from jaxchat.optim import group_state
+    mesh = shd.make_mesh(fsdp=8)
+    shapes = param_shapes(CONFIG)
+    specs = shd.param_shardings(shapes, mesh)
+    assert specs["bigram_embed"].spec == specs["wte"].spec == P("fsdp")  # 1280 rows split over 8
+    assert specs["bigram_lambdas"].spec == P()
+    tx = make_optimizer(shapes, CONFIG, stack_multiple=mesh.size, muon_update_fn=shd.sharded_muon_update(mesh))
+    state = jax.eval_shape(tx.init, shapes)
+    adam = group_state(shd.opt_state_shardings(state, mesh), "bigram_embed")
+    assert adam.mu["bigram_embed"].spec == P(("data", "fsdp"))

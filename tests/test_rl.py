@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from train.rl import compute_advantages, pass_at_k, pg_loss, pg_row_weights, rollout_batch, seq_bucket
+from jaxchat.policy_gradient import compute_advantages, pass_at_k, pg_loss, pg_row_weights, rollout_batch, seq_bucket
 
 GSM_ROWS = [
     {"question": "Tom has 3 apples and buys 2 more. How many apples does he have?",

@@ -295,14 +295,17 @@ def micro_batches(loader, micro_steps: int) -> dict:
 
 
 class Hook(NamedTuple):
-    """fn(step, params) -> scalars dict (or None) at steps s % every == 0 (s > 0 unless at_start) and the last."""
+    """fn(step, params) -> scalars dict (or None): at the last step when at_last, else at s % every == 0 (s > 0
+    unless at_start)."""
     every: int
     fn: Callable
     at_start: bool = True
     at_last: bool = True
 
     def due(self, step: int, last: bool) -> bool:
-        return (self.at_last and last) or (self.every > 0 and step % self.every == 0 and (step > 0 or self.at_start))
+        if last:
+            return self.at_last
+        return self.every > 0 and step % self.every == 0 and (step > 0 or self.at_start)
 
 
 # ----------------------------------------------------------------------------------------------------------------

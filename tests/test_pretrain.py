@@ -68,6 +68,9 @@ def test_dry_run_needs_no_tokenizer_and_honours_horizon_flags(capsys):
     assert plan["num_iterations"] == round(1e18 / (759695904 * 524288))
     plan = _dry_run(capsys, ["--depth=4", "--head-dim=96", "--aspect-ratio=50"])  # 200 -> rounded up to 288
     assert (plan["model_config"]["n_embd"], plan["model_config"]["n_head"]) == (288, 3)
+    assert plan["recipe"] == "head" and (plan["muon_eq"], plan["muon_plus"]) == ("row", True)
+    plan = _dry_run(capsys, ["--depth=4", "--muon-eq=none", "--no-muon-plus"])
+    assert (plan["recipe"], plan["muon_eq"], plan["muon_plus"]) == ("5019acc", "none", False)
     plan = _dry_run(capsys, ["--depth=12", "--total-batch-size=1000"])
     assert plan["grad_accum_steps"] is None and "--total-batch-size=1000 is not a multiple" in plan["error"]
     with pytest.raises(UserError, match="--total-batch-size=1000 is not a multiple"):

@@ -141,8 +141,16 @@ def main(argv: list[str] | None = None) -> dict:
     return stats
 
 
-if __name__ == "__main__":
+def _cli():
+    from jaxchat.common import UserError
+
     try:
-        main()
+        return main()
     except FileNotFoundError as e:  # no shards / bad --input: the message says what to run
-        raise SystemExit(f"error: {e}")
+        raise UserError(str(e)) from e
+
+
+if __name__ == "__main__":
+    from jaxchat.common import run_cli
+
+    run_cli(_cli)

@@ -336,8 +336,6 @@ class Trainer:
         self.fingerprint = tokenizer.fingerprint() if tokenizer is not None else None
         if self.fingerprint:
             self.meta["tokenizer_fingerprint"] = self.fingerprint
-        self.writer = MetricsWriter(os.path.join(get_base_dir(), "runs", run_prefix + args.run),
-                                    enabled=args.run != "dummy")
         existing = ckpt.list_steps(ckpt_dir)
         resume = parse_resume(getattr(args, "resume_from_step", None))
         self.loop_state = {"step": 0, "smooth_loss": 0.0, "best_loss": math.inf, "min_val_bpb": math.inf,
@@ -355,6 +353,8 @@ class Trainer:
             self.params, self.opt_state = init()
         else:
             self._restore(existing, resume)
+        self.writer = MetricsWriter(os.path.join(get_base_dir(), "runs", run_prefix + args.run),
+                                    enabled=args.run != "dummy")
 
     def _restore(self, existing: list[int], resume) -> None:
         if not existing:

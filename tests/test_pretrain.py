@@ -304,3 +304,13 @@ def test_hugepage_reexec_restarts_with_the_tunable_added():
     out = subprocess.run([sys.executable, "-c", code, "a", "--b=1"], env=env, cwd=root, capture_output=True,
                          text=True, timeout=120)
     assert out.stdout.strip() == "glibc.malloc.check=0:glibc.malloc.hugetlb=1 ['a', '--b=1']", out.stderr
+
+
+def test_train_log_every_reads_back_and_logs_every_n_steps(capsys):
+    out = pretrain.main(TINY + ["--num-iterations=7", "--eval-every=-1", "--train-log-every=3", "--run=every3",
+                                "--model-tag=every3"])
+    assert sorted(out["losses"]) == list(range(7))  # every loss is still read (in groups) for the guard
+    logged = _scalars(os.path.join(os.environ["JAXCHAT_BASE_DIR"], "runs", "every3"), "train/raw_loss")
+    assert sorted(logged) == [2, 5, 6] and logged[5] == pytest.approx(out["losses"][5], rel=1e-6)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line[:10] for line in lines] == ["step 00002", "step 00005", "step 00006"]

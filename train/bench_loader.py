@@ -92,4 +92,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from jaxchat.common import run_cli
+
+    run_cli(main)

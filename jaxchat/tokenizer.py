@@ -17,6 +17,7 @@ On disk (`$JAXCHAT_BASE_DIR/tokenizer/`):
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import pickle
 import warnings
@@ -140,6 +141,16 @@ class Tokenizer:
     def from_pretrained(cls, tiktoken_name: str) -> "Tokenizer":
         """OpenAI's encodings ("gpt2", "cl100k_base"), BOS = <|endoftext|>. Needs tiktoken's download cache."""
         return cls(tiktoken.get_encoding(tiktoken_name), "<|endoftext|>")
+
+    def fingerprint(self) -> str:
+        """'bpe-<vocab size>-<16 hex digits>': a sha256 over the split pattern, the merges (ranks) and the special
+        tokens, so two tokenizers of the same size but different merges differ. Stored in checkpoint meta."""
+        h = hashlib.sha256(self.enc._pat_str.encode())
+        for tok, rank in sorted(self.enc._mergeable_ranks.items(), key=lambda kv: kv[1]):
+            h.update(rank.to_bytes(4, "little") + len(tok).to_bytes(2, "little") + tok)
+        for name, idx in sorted(self._special.items()):
+            h.update(name.encode() + idx.to_bytes(4, "little"))
+        return f"bpe-{self.get_vocab_size()}-{h.hexdigest()[:16]}"
 
     def save(self, tokenizer_dir: str) -> None:
         """Write tokenizer.pkl (plain dict of the encoding's pieces) and token_bytes.npy into tokenizer_dir."""

@@ -200,6 +200,39 @@ def test_core_with_real_model_matches_unbatched_forward():
         assert abs(loss[i] - ref) < tol(np.float32, gpt_reduction_len(config, config.sequence_len) + V, ref)
 
 
+def test_long_prompts_are_scored_whole_as_nanochat():
+    """A few-shot prompt longer than sequence_len: nanochat's model scores it uncropped (core_eval.py crops only
+    models with `max_seq_len`; its rotary table covers 10 x sequence_len), its "long" layers attending over a
+    window of sequence_len keys. The reference here is jaxchat's KV-cache path, a separate implementation of the
+    positions, rotary angles and window mask (delta <= window over the cache), prefilling each whole row."""
+    gpt = pytest.importorskip("jaxchat.model")
+    import jax
+    config = gpt.GPTConfig(sequence_len=16, vocab_size=V, n_layer=2, n_head=2, n_kv_head=1, n_embd=32,
+                           window_pattern="SL")  # windows 128 / 16: the last layer slides over 16 keys
+    params = jax.jit(gpt.init_params, static_argnums=0)(config, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(2)
+    params = jax.tree.map(lambda x: np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32), params)
+    item = {"query": "The quick brown fox jumps over the lazy dog, and then it", "choices": ["runs", "sleeps"],
+            "gold": 0}
+    meta = {"task_type": "multiple_choice", "continuation_delimiter": " ", "num_fewshot": 0}
+    rows, starts, ends = core.example_rows(item, meta, [], ByteTokenizer())
+    assert min(len(r) for r in rows) > 3 * config.sequence_len
+    scorer = core.CoreScorer(params=params, config=config, pad_id=BOS, min_len=16)
+    assert scorer.max_seq_len == 10 * config.sequence_len
+    loss, _ = scorer.score_rows(rows, starts, ends)
+    prefill = jax.jit(gpt.forward, static_argnums=1)
+    for i, (r, s, e) in enumerate(zip(rows, starts, ends)):
+        logits, _ = prefill(params, config, jnp.asarray([r], jnp.int32), kv_cache=gpt.init_kv_cache(config, 1, len(r)))
+        logp = jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1)
+        ref = -np.mean([float(logp[t - 1, r[t]]) for t in range(s, e)])
+        # float32 logits of a 2-layer model over <= 64 positions: agree to ~1e-6 relative; bound 1e-4
+        assert loss[i] == pytest.approx(ref, rel=1e-4, abs=1e-5)
+    # cropping to sequence_len (jaxchat's old behaviour) scores these rows differently
+    cropped, _ = core.CoreScorer(params=params, config=config, pad_id=BOS, min_len=16,
+                                 max_seq_len=config.sequence_len).score_rows(rows, starts, ends)
+    assert np.abs(cropped - loss).max() > 1e-3
+
+
 # --------------------------------------------------------------------------------------------------- bundle
 
 def _zip_bundle(path):

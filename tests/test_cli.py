@@ -99,6 +99,14 @@ def test_missing_tokenizer_is_one_line(base, tmp_path, module, args):
     assert_one_line_error(r, f"no tokenizer at {no_tok / 'tokenizer' / 'tokenizer.pkl'}", "python -m train.tokenizer")
 
 
+def test_missing_checkpoint_is_one_line_listing_what_exists(base, tmp_path):
+    assert_one_line_error(run("evals.base_eval", base_dir=tmp_path), "no base checkpoint", "python -m train.pretrain")
+    assert_one_line_error(run("serve.cli", "-i", "sft", "-s", "99", "-p", "hi", base_dir=base),
+                          "no step 99", "available steps: [3]")
+    assert_one_line_error(run("serve.cli", "-i", "sft", "-g", "d7", "-p", "hi", base_dir=base),
+                          "d7", "tags here: d1 (steps [3])")
+
+
 def test_debug_shows_the_traceback(tmp_path):
     r = run("serve.cli", "-p", "hi", base_dir=tmp_path, debug=True)
     assert r.returncode != 0 and "Traceback" in r.stderr

@@ -20,7 +20,7 @@ from jaxchat.model import (GPTConfig, estimate_flops, forward, init_kv_cache, in
                            num_scaling_params, param_shapes)
 
 from conftest import NANOCHAT_TINY
-from tolerances import assert_close, eps, gpt_reduction_len, sample_std_tol, scale_of, tol
+from tolerances import assert_close, eps, gpt_reduction_len, sample_std_tol, tol
 
 TINY = GPTConfig(sequence_len=256, vocab_size=256, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SL")
 SCENARIOS = [NANOCHAT_TINY, os.path.join(NANOCHAT_TINY, "active")]

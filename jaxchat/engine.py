@@ -22,6 +22,7 @@ Without a tokenizer the engine is a pure token decoder: no stop tokens, no tool 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import queue
 import threading
@@ -431,6 +432,7 @@ class Engine:
 # Continuous batching: B slots in one KV cache, requests join and leave the running decode loop at chunk boundaries.
 
 MAX_TOP_K = 200  # slots sample top-k / top-p among at most this many candidates (the server's top_k limit)
+SMALL_TOP_K = 64  # candidates drawn when no slot asks for more: the common top-k (nanochat's 50) costs less
 
 
 def _batch_axis(name: str) -> int:
@@ -440,16 +442,17 @@ def _batch_axis(name: str) -> int:
 
 
 def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
-                top_p: jax.Array) -> jax.Array:
+                top_p: jax.Array, kmax: int = MAX_TOP_K) -> jax.Array:
     """Sample one token per row with per-row settings (the batched counterpart of `sample_next_token`).
 
     Args:
         logits: float32 (B, V).
         keys: uint32 (B, 2), one `jax.random` key per row.
         temperature: float32 (B,); 0 means greedy (argmax, first index on ties).
-        top_k: int32 (B,); > 0 keeps only the k most likely tokens (at most MAX_TOP_K), 0 keeps all.
+        top_k: int32 (B,); > 0 keeps only the k most likely tokens (at most kmax), 0 keeps all.
         top_p: float32 (B,) in (0, 1]; < 1 keeps the smallest set of most likely tokens whose probability reaches
-            top_p (nucleus sampling, Holtzman et al. 2019), taken among the MAX_TOP_K most likely.
+            top_p (nucleus sampling, Holtzman et al. 2019), taken among the kmax most likely.
+        kmax: static; candidates drawn for top-k / top-p rows.
     Returns:
         int32 (B,) token ids.
     """
@@ -458,19 +461,22 @@ def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_
     ids = jnp.arange(V, dtype=jnp.int32)
     greedy = jnp.min(jnp.where(logits == best, ids, V - 1), axis=-1)
 
+    draw = jax.vmap(lambda k, l: jax.random.categorical(k, l))
+    narrowed = (top_k > 0) | (top_p < 1.0)
+
     def sample(_):
         scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-        kmax = min(MAX_TOP_K, V)
-        vals, idx = jax.lax.top_k(scaled, kmax)  # sorted, largest first
-        rank = jnp.arange(kmax)[None, :]
-        keep = rank < jnp.where(top_k > 0, jnp.minimum(top_k, kmax), kmax)[:, None]
+        k = min(kmax, V)
+        vals, idx = jax.lax.top_k(scaled, k)  # sorted, largest first
+        keep = jnp.arange(k)[None, :] < jnp.where(top_k > 0, jnp.minimum(top_k, k), k)[:, None]
         probs = jax.nn.softmax(jnp.where(keep, vals, -jnp.inf), axis=-1)
         keep &= (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]  # the most likely one always stays
-        draw = jax.vmap(lambda k, l: jax.random.categorical(k, l))
         choice = draw(keys, jnp.where(keep, vals, -jnp.inf))
         from_candidates = jnp.take_along_axis(idx, choice[:, None], axis=1)[:, 0]
-        from_all = draw(keys, scaled)
-        return jnp.where((top_k > 0) | (top_p < 1.0), from_candidates, from_all).astype(jnp.int32)
+        # (B, V) Gumbel noise only when some sampling row keeps the whole vocabulary
+        from_all = jax.lax.cond(jnp.any((temperature > 0) & ~narrowed), lambda: draw(keys, scaled),
+                                lambda: from_candidates)
+        return jnp.where(narrowed, from_candidates, from_all).astype(jnp.int32)
 
     sampled = jax.lax.cond(jnp.any(temperature > 0), sample, lambda _: greedy, None)
     return jnp.where(temperature > 0, sampled, greedy)
@@ -497,11 +503,11 @@ def _prefill_slot(params, cache, logits, idx, valid_len, slot, *, config, forwar
     return cache, jax.lax.dynamic_update_slice(logits, last.astype(logits.dtype), (slot, 0))
 
 
-@partial(jax.jit, static_argnames=("config", "forward_fn", "chunk", "swapped", "attend_len"),
+@partial(jax.jit, static_argnames=("config", "forward_fn", "chunk", "swapped", "attend_len", "kmax"),
          donate_argnames=("state",))
-def _slot_decode_chunk(decode_params, state, keys, temperature, top_k, top_p, stop_ids, python_end, *, config,
-                       forward_fn, chunk, swapped, attend_len):
-    """Up to `chunk` decode steps for every live slot of the B-slot state.
+def _slot_decode_chunk(decode_params, state, keys, temperature, top_k, top_p, stop_ids, python_end, num_steps, *,
+                       config, forward_fn, chunk, swapped, attend_len, kmax):
+    """Up to min(chunk, num_steps) decode steps for every live slot of the B-slot state.
 
     state: {'cache', 'logits' (B, V), 'done' (B,) bool (free slots are done), 'step' (B,) tokens each slot has
     emitted (folded into its key), 'budget' (B,) tokens it may still emit, 'forced' (B, F), 'forced_len' /
@@ -515,12 +521,12 @@ def _slot_decode_chunk(decode_params, state, keys, temperature, top_k, top_p, st
 
     def cond(carry):
         state, i, _, halt = carry
-        return (i < chunk) & ~halt & ~jnp.all(state["done"])
+        return (i < jnp.minimum(chunk, num_steps)) & ~halt & ~jnp.all(state["done"])
 
     def body(carry):
         state, i, (toks, masks, lives), _ = carry
         step_keys = jax.vmap(jax.random.fold_in)(keys, state["step"])
-        sampled = sample_rows(state["logits"], step_keys, temperature, top_k, top_p)
+        sampled = sample_rows(state["logits"], step_keys, temperature, top_k, top_p, kmax)
         ptr = state["forced_ptr"]
         has_forced = ptr < state["forced_len"]
         forced_tok = jnp.take_along_axis(state["forced"], jnp.minimum(ptr, state["forced"].shape[1] - 1)[:, None],
@@ -639,6 +645,7 @@ class BatchEngine:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="batch-engine", daemon=True)
                 self._thread.start()
+                atexit.register(self.close)
         return req
 
     def generate(self, tokens: list[int], num_samples: int = 1, max_tokens: int | None = None,
@@ -668,6 +675,14 @@ class BatchEngine:
             for r in reqs:
                 r.cancel()
 
+    def close(self) -> None:
+        """Stop the scheduler thread at its next chunk boundary, ending the running requests (run at interpreter
+        exit too, so no device call is cut off by the runtime's teardown). A later submit starts it again."""
+        thread = self._thread
+        if thread is not None:
+            self._incoming.put(None)
+            thread.join(timeout=10)
+
     def warmup(self) -> None:
         """Compile every prompt bucket and attend bucket this engine can meet, so no request compiles later."""
         self._ensure_state()
@@ -684,7 +699,10 @@ class BatchEngine:
             attend = self._attend(hold)
             if attend not in seen:
                 seen.add(attend)
-                self._dispatch(attend)
+                for kmax in (SMALL_TOP_K, MAX_TOP_K):  # both sampler variants
+                    self._temp[0], self._top_k[0] = 1.0, kmax
+                    self._dispatch(attend)
+        self._temp[0], self._top_k[0] = 0.0, 0
         jax.block_until_ready(self._state["logits"])
 
     # ------------------------------------------------------------------------------------------------------------
@@ -721,17 +739,22 @@ class BatchEngine:
             return None
         return attend_bucket(min(hold + self.engine.decode_chunk, self.max_len), self.max_len)
 
-    def _dispatch(self, attend):
+    def _dispatch(self, attend, steps: int | None = None):
         e = self.engine
+        # top-k / top-p rows draw among SMALL_TOP_K candidates unless one needs more (two compiled variants)
+        wide = (self._top_k > SMALL_TOP_K) | ((self._top_p < 1.0) & (self._top_k == 0))
+        kmax = MAX_TOP_K if bool(np.any(wide & (self._temp > 0))) else SMALL_TOP_K
         self._state, toks, masks, lives = _slot_decode_chunk(
             e.decode_params, self._state, jnp.asarray(self._keys), jnp.asarray(self._temp), jnp.asarray(self._top_k),
-            jnp.asarray(self._top_p), self._stop_ids, jnp.int32(e.python_end), config=e.config,
-            forward_fn=e.forward_fn, chunk=e.decode_chunk, swapped=e.swapped, attend_len=attend)
+            jnp.asarray(self._top_p), self._stop_ids, jnp.int32(e.python_end), jnp.int32(steps or e.decode_chunk),
+            config=e.config,
+            forward_fn=e.forward_fn, chunk=e.decode_chunk, swapped=e.swapped, attend_len=attend, kmax=kmax)
         return toks, masks, lives
 
     def _finish(self, slot: int, reason: str | None) -> None:
         req = self._slots[slot]
         self._slots[slot] = None
+        self._temp[slot], self._top_k[slot], self._top_p[slot] = 0.0, 0, 1.0  # an idle slot must not widen kmax
         if req is not None:
             req.finish_reason = reason
             req._out.put(None)
@@ -756,6 +779,8 @@ class BatchEngine:
         with ctx:
             try:
                 self._loop()
+                with self._lock:
+                    self._thread = None
             except BaseException as e:  # a device failure ends every request with the error, not a hang
                 for slot, req in enumerate(self._slots):
                     if req is not None:
@@ -765,6 +790,7 @@ class BatchEngine:
                     self._incoming.get()._out.put(e)
                 with self._lock:
                     self._thread = None
+                    self._state = None  # its buffers may have been donated to the failed call: start afresh
                 raise
 
     def _loop(self) -> None:
@@ -782,6 +808,10 @@ class BatchEngine:
                     req = self._incoming.get(block=all(r is None for r in self._slots), timeout=None)
                 except queue.Empty:
                     break
+                if req is None:  # close(): end what runs, leave the rest queued
+                    for slot in range(self.B):
+                        self._finish(slot, None)
+                    return
                 if req.cancelled:
                     req._out.put(None)
                     continue
@@ -794,7 +824,10 @@ class BatchEngine:
             for k in names:
                 s[k] = jnp.asarray(host[k])
             active = [b for b, r in enumerate(self._slots) if r is not None]
-            toks, masks, lives = self._dispatch(self._attend(int(max(self._pos[b] for b in active))))
+            # a chunk that a new request joins is short, so its first tokens come out soon (time to first token)
+            fresh = any(self._pos[b] == len(self._slots[b].tokens) for b in active)
+            steps = max(1, self.engine.decode_chunk // 4) if fresh else self.engine.decode_chunk
+            toks, masks, lives = self._dispatch(self._attend(int(max(self._pos[b] for b in active))), steps)
             toks, masks, lives, done, ptr = jax.device_get((toks, masks, lives, self._state["done"],
                                                             self._state["forced_ptr"]))
             ptr = np.array(ptr)

@@ -1,0 +1,482 @@
+"""Compile jaxchat's GPU programs for GPUs that are not there: `--compile-for=h100:2x8`.
+
+XLA compiles for a described GPU as for a real one. `jax.experimental.topologies.get_topology_desc(..., "cuda",
+target_config=<GpuTargetConfig text>, topology="1x{hosts}x{gpus}")` returns H100 (H200, A100) devices spread over
+`hosts` processes; a Mesh of them, ShapeDtypeStructs with NamedShardings on it, and `jax.jit(f).lower(...).compile()`
+give the optimized HLO and the per-device memory analysis, on a CPU-only machine with the CUDA plugin installed
+(`pip install -e .[gpu]`; run with JAX_PLATFORMS=cpu). Nothing runs, no data is read.
+
+    target = parse_target("h100:1x8")
+    mesh = topology_mesh(target)
+    step, args = build_pretrain_step(config, mesh, device_batch_size=16)
+    report = compile_report(step, args, target, device_batch_size=16)   # prints a short report, returns a dict
+
+The target configs are text protos in configs/gpu_targets/<name>.txtpb (each says where its numbers come from).
+Compiling needs the platform decisions of the described devices (bfloat16, cuDNN attention, bfloat16 embeddings):
+the builders here trace under `jaxchat.backend.use(mesh)`; `jax.default_backend()` stays "cpu" meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxchat import backend
+from jaxchat.common import UserError
+
+TARGETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "gpu_targets")
+GIB = 1024 ** 3
+# XLA's GPU compiler schedules and rematerialises against this share of the device memory
+# (--xla_gpu_memory_limit_slop_factor, default 95): a program whose peak lies above it had to be squeezed.
+XLA_MEMORY_LIMIT_FRACTION = 0.95
+REMAT_LOG = re.compile(r"Can't reduce memory use below|by rematerialization")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Targets
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A described GPU cluster: `hosts` processes of `gpus_per_host` GPUs of one kind (configs/gpu_targets)."""
+
+    name: str
+    hosts: int
+    gpus_per_host: int
+    config_text: str
+
+    @property
+    def num_devices(self) -> int:
+        return self.hosts * self.gpus_per_host
+
+    @property
+    def device_memory_bytes(self) -> int:
+        return int(re.search(r"device_memory_size:\s*(\d+)", self.config_text).group(1))
+
+    @property
+    def device_kind(self) -> str:
+        m = re.search(r'device_description_str:\s*"([^"]*)"', self.config_text)
+        return m.group(1) if m else self.name
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.hosts}x{self.gpus_per_host}"
+
+
+def available_targets() -> list[str]:
+    """Names of the shipped target configs (h100, h200, a100)."""
+    if not os.path.isdir(TARGETS_DIR):
+        return []
+    return sorted(f[: -len(".txtpb")] for f in os.listdir(TARGETS_DIR) if f.endswith(".txtpb"))
+
+
+def parse_target(spec: str) -> Target:
+    """'h100:2x8' -> Target(h100, hosts=2, gpus_per_host=8). 'h100' alone means one host of 8.
+
+    Raises:
+        UserError: a malformed spec, or a name with no configs/gpu_targets/<name>.txtpb.
+    """
+    m = re.fullmatch(r"\s*([A-Za-z0-9_-]+)\s*(?::\s*(\d+)\s*x\s*(\d+))?\s*", spec or "")
+    names = available_targets()
+    if not m:
+        raise UserError(f"--compile-for={spec!r}: expected TARGET:HOSTSxGPUS, e.g. --compile-for=h100:1x8 "
+                        f"(targets: {', '.join(names)})")
+    name, hosts, gpus = m.group(1).lower(), int(m.group(2) or 1), int(m.group(3) or 8)
+    if name not in names:
+        raise UserError(f"--compile-for={spec!r}: no target config {TARGETS_DIR}/{name}.txtpb; "
+                        f"use one of {', '.join(names)}")
+    if hosts < 1 or gpus < 1:
+        raise UserError(f"--compile-for={spec!r}: hosts and GPUs per host must be positive, e.g. h100:2x8")
+    with open(os.path.join(TARGETS_DIR, f"{name}.txtpb"), encoding="utf-8") as f:
+        text = "\n".join(line for line in f.read().splitlines() if not line.lstrip().startswith("#"))
+    return Target(name, hosts, gpus, text)
+
+
+def cuda_plugin_missing() -> str | None:
+    """None when the CUDA plugin is importable; else the reason, with the command that installs it."""
+    if importlib.util.find_spec("jax_cuda12_plugin") is None and importlib.util.find_spec("jax_plugins") is None:
+        return ("the CUDA plugin (jax_cuda12_plugin) is not installed: pip install -e '.[gpu]' "
+                f"(jax[cuda12]=={jax.__version__}), then run with JAX_PLATFORMS=cpu")
+    try:
+        from jax_plugins import xla_cuda12  # noqa: F401
+    except ImportError:
+        if importlib.util.find_spec("jax_cuda12_plugin") is None:
+            return (f"the CUDA plugin is not installed: pip install 'jax[cuda12]=={jax.__version__}' "
+                    "(or pip install -e '.[gpu]')")
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _topology(name: str, hosts: int, gpus: int, text: str):
+    from jax.experimental.topologies import get_topology_desc
+    return get_topology_desc(name, "cuda", target_config=text, topology=f"1x{hosts}x{gpus}")
+
+
+def topology_devices(target: Target) -> list:
+    """The described devices of `target` (hosts * gpus_per_host of them, in process order).
+
+    Raises:
+        UserError: the CUDA plugin is missing (says how to install it).
+    """
+    reason = cuda_plugin_missing()
+    if reason:
+        raise UserError(f"--compile-for={target}: {reason}")
+    try:
+        topo = _topology(target.name, target.hosts, target.gpus_per_host, target.config_text)
+    except Exception as e:  # noqa: BLE001 - the plugin's own message, one line
+        raise UserError(f"--compile-for={target}: the CUDA plugin could not describe the devices "
+                        f"({str(e).splitlines()[0]}); is jax[cuda12] the same version as jax ({jax.__version__})?")
+    return list(topo.devices)
+
+
+def topology_mesh(target: Target, axis_shape: tuple[int, ...] | None = None,
+                  axis_names: tuple[str, ...] | None = None) -> jax.sharding.Mesh:
+    """A Mesh of the described devices; default jaxchat's ('data', 'fsdp') mesh with fsdp = 1 (`make_mesh`).
+
+    Raises:
+        UserError: the plugin is missing, or axis_shape does not multiply to the device count.
+    """
+    from jaxchat import sharding as shd
+
+    devices = topology_devices(target)
+    if axis_shape is None:
+        return shd.make_mesh(1, devices)
+    names = axis_names or (shd.DATA_AXIS, shd.FSDP_AXIS)[: len(axis_shape)]
+    if math.prod(axis_shape) != len(devices):
+        raise UserError(f"--compile-for={target}: mesh shape {axis_shape} does not hold {len(devices)} devices")
+    return jax.sharding.Mesh(np.array(devices).reshape(axis_shape), names)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The programs (built on any mesh: real devices or described ones)
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def build_pretrain_step(config, mesh, device_batch_size: int, *, grad_accum_steps: int = 1, fp8: bool = False,
+                        remat: str = "none", learning_rates: dict | None = None, weight_decay: float = 0.0,
+                        muon_dtype: str = "bfloat16", loss_fn: Callable | None = None):
+    """The jitted pretraining (and SFT: the same step, other data) train step and its abstract arguments.
+
+    What train.pretrain builds (jaxchat.train_loop.jit_train_step: ZeRO-1 optimizer state, the Muon stacks split
+    over devices), with ShapeDtypeStructs carrying NamedShardings instead of arrays: nothing is allocated.
+
+    Args:
+        config: GPTConfig. mesh: a ('data', 'fsdp') mesh (`topology_mesh` or `jaxchat.sharding.make_mesh`).
+        device_batch_size: rows per device per micro-step; grad_accum_steps: micro-steps per step.
+        fp8, remat: passed to `jaxchat.model.loss_fn`. learning_rates: make_optimizer's *_lr keywords.
+    Returns:
+        (jitted step, (params, opt_state, inputs, targets, hparams) as ShapeDtypeStructs).
+    """
+    from jaxchat import model as gpt
+    from jaxchat import sharding as shd
+    from jaxchat import train_loop as tl
+    from jaxchat.optim import make_optimizer
+
+    with backend.use(mesh):
+        abstract_params = gpt.param_shapes(config)
+        param_sh = shd.param_shardings(abstract_params, mesh)
+        optimizer = make_optimizer(abstract_params, config, weight_decay=weight_decay,
+                                   ns_dtype=jnp.dtype(muon_dtype), stack_multiple=mesh.size,
+                                   muon_update_fn=shd.sharded_muon_update(mesh), **(learning_rates or {}))
+        abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+        opt_sh = shd.opt_state_shardings(abstract_opt, mesh)
+        batch_sh = shd.batch_sharding(mesh, 3)
+        loss = loss_fn or functools.partial(gpt.loss_fn, fp8=fp8, remat=remat)
+        step = tl.jit_train_step(config, optimizer, param_sh, opt_sh, batch_sh, loss_fn=loss)
+        rep = shd.replicated(mesh)
+        batch = jax.ShapeDtypeStruct((grad_accum_steps, device_batch_size * mesh.size, config.sequence_len),
+                                     jnp.int32, sharding=batch_sh)
+        hparams = {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=rep) for k in ("lrm", "momentum", "weight_decay")}
+        args = (_abstract(abstract_params, param_sh), _abstract(abstract_opt, opt_sh), batch, batch, hparams)
+    return step, args
+
+
+def build_decode_loop(config, mesh, batch_size: int, max_len: int | None = None, steps: int = 32):
+    """The engine's decode loop body as one jitted program: `steps` greedy tokens per row with the KV cache
+    (`jaxchat.model.forward` with a cache, the computation the engine's `lax.while_loop` repeats), weights and
+    cache donated in place. Returns (jitted, (params, cache, tokens) ShapeDtypeStructs)."""
+    from jaxchat import model as gpt
+    from jaxchat import sharding as shd
+
+    max_len = max_len or config.sequence_len
+    with backend.use(mesh):
+        rep = shd.replicated(mesh)
+        abstract_params = gpt.param_shapes(config)
+        cache = jax.eval_shape(lambda: gpt.init_kv_cache(config, batch_size, max_len))
+
+        def decode(params, cache, tok):
+            def body(carry, _):
+                cache, tok = carry
+                logits, cache = gpt.forward(params, config, tok[:, None], kv_cache=cache)
+                nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+                return (cache, nxt), nxt
+            (cache, tok), toks = jax.lax.scan(body, (cache, tok), None, length=steps)
+            return cache, toks.T
+
+        jitted = jax.jit(decode, in_shardings=rep, out_shardings=rep, donate_argnums=(1,))
+        args = (_abstract(abstract_params, jax.tree.map(lambda _: rep, abstract_params)),
+                _abstract(cache, jax.tree.map(lambda _: rep, cache)),
+                jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=rep))
+    return jitted, args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Compiling and reading the result
+
+
+@contextlib.contextmanager
+def _capture_stderr(sink: list):
+    """Collect what the C++ side (XLA's logs) writes to file descriptor 2, then echo it to stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode("utf-8", errors="replace")
+            sink.append(text)
+            if text.strip():
+                sys.stderr.write(text)
+
+
+def _mesh_of(abstract_args):
+    for leaf in jax.tree.leaves(abstract_args):
+        sh = getattr(leaf, "sharding", None)
+        if isinstance(sh, jax.sharding.NamedSharding):
+            return sh.mesh
+    raise ValueError("compile_report: no abstract argument carries a NamedSharding (build them on the mesh)")
+
+
+_GEMM_CALL = re.compile(r"custom_call_target=\"(__cublas\$[^\"]*|__cudnn\$fusion[^\"]*)\"")
+_CUDNN_FMHA = re.compile(r"custom_call_target=\"(__cudnn\$fmha[^\"]*)\"")
+_DEF = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*\(?([a-z0-9]+)\[")  # %name = TYPE[ (tuples: first element)
+_CALL = re.compile(r"\b(dot|custom-call)\(([^)]*)\)")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%[\w.\-]+\s.*\{\s*$")
+_COLLECTIVE = re.compile(r"=\s*\S+\s+(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute|"
+                         r"collective-broadcast|ragged-all-to-all)(?:-start)?\(")
+_COLLECTIVE_TUPLE = re.compile(r"\)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute|"
+                               r"collective-broadcast|ragged-all-to-all)(?:-start)?\(")
+_WINDOW = re.compile(r"\"sliding_window_length\":\s*\"?(\d+)")
+_OP_NAME = re.compile(r"op_name=\"([^\"]*)\"")
+_BLOCK_SCOPE = re.compile(r"(^|[/(])block[/)]")
+
+
+def _gemm_class(types: list[str]) -> str:
+    if any(t.startswith("f8") for t in types):
+        return "fp8"
+    if "f32" in types or "f64" in types:
+        return "f32"
+    if "bf16" in types:
+        return "bf16"
+    if "f16" in types:
+        return "f16"
+    return "other"
+
+
+def analyze_hlo(text: str) -> dict:
+    """What an optimized GPU HLO module computes with (counts of instructions in its text).
+
+    Returns {'attention': {'cudnn_fwd', 'cudnn_bwd': counts of cuDNN flash attention calls, 'window_lengths_fwd',
+    'window_lengths_bwd': sorted distinct `sliding_window_length`s (cuDNN counts the diagonal: left window + 1;
+    0 = a call without a window)}, 'gemms': {bf16, fp8, f32, f16, other}: dots and cuBLAS/cuDNN GEMM calls by
+    their first two operands' dtype (fp8 when either is float8), 'block_gemms': the same for GEMMs whose op_name
+    lies in the model's `block` named scope (jaxchat.model._block), 'collectives': {kind: count} (async starts
+    counted once)}.
+    """
+    fwd, bwd, win_f, win_b = 0, 0, set(), set()
+    gemms = {k: 0 for k in ("bf16", "fp8", "f32", "f16", "other")}
+    block = dict(gemms)
+    collectives: dict[str, int] = {}
+    types: dict[str, str] = {}  # instruction name -> element type, within the current computation
+    for line in text.splitlines():
+        if _COMPUTATION.match(line):
+            types = {}
+            for name, ty in re.findall(r"([\w.\-]+):\s*\(?([a-z0-9]+)\[", line):  # the computation's parameters
+                types[name] = ty
+            continue
+        d = _DEF.match(line)
+        if d:
+            types[d.group(1)] = d.group(2)
+        m = _CUDNN_FMHA.search(line)
+        if m:
+            windows = {int(w) for w in _WINDOW.findall(line)} or {0}
+            if "Backward" in m.group(1):
+                bwd, win_b = bwd + 1, win_b | windows
+            else:
+                fwd, win_f = fwd + 1, win_f | windows
+            continue
+        c = _COLLECTIVE.search(line) or _COLLECTIVE_TUPLE.search(line)
+        if c:
+            collectives[c.group(1)] = collectives.get(c.group(1), 0) + 1
+            continue
+        call = _CALL.search(line)
+        if not call or (call.group(1) == "custom-call" and not _GEMM_CALL.search(line)):
+            continue
+        operands = [o.strip().lstrip("%") for o in call.group(2).split(",")][:2]
+        inline = re.findall(r"\b([a-z0-9]+)\[", call.group(2))  # older printers put the types inline
+        kind = _gemm_class(inline[:2] or [types.get(o.split()[-1].lstrip("%"), "?") for o in operands])
+        gemms[kind] += 1
+        op = _OP_NAME.search(line)
+        if op and _BLOCK_SCOPE.search(op.group(1)):
+            block[kind] += 1
+    return {"attention": {"cudnn_fwd": fwd, "cudnn_bwd": bwd, "window_lengths_fwd": sorted(win_f),
+                          "window_lengths_bwd": sorted(win_b)},
+            "gemms": gemms, "block_gemms": block, "collectives": dict(sorted(collectives.items()))}
+
+
+def compile_report(jitted, abstract_args, target: Target, device_batch_size: int | None = None,
+                   hlo_out: str | None = None, *, label: str = "", verbose: bool = True) -> dict:
+    """Compile `jitted` for `target` and describe the result (per device).
+
+    Args:
+        jitted: a `jax.jit` function. abstract_args: its positional arguments as ShapeDtypeStructs with
+            NamedShardings on a mesh of `target`'s devices (`topology_mesh`); it is traced under `backend.use` of
+            that mesh, so the GPU branches of the model are taken.
+        device_batch_size: recorded in the report. hlo_out: write the optimized HLO text there.
+        label: a name for the human report; verbose: print it (process 0's stdout).
+    Returns:
+        a JSON-able dict: target, hosts, gpus_per_host, device_kind, device_memory_gib, device_batch_size,
+        memory_gib {arguments, temporaries, outputs, aliased, peak}, fits (peak within XLA's memory limit),
+        remat_by_xla (XLA logged that it rematerialised, or the peak sits at its limit), attention, gemms,
+        block_gemms, collectives (`analyze_hlo`), compile_seconds.
+    """
+    mesh = _mesh_of(abstract_args)
+    logs: list[str] = []
+    t0 = time.perf_counter()
+    with backend.use(mesh), _capture_stderr(logs):
+        compiled = jitted.lower(*abstract_args).compile()
+    seconds = time.perf_counter() - t0
+    text = compiled.as_text()
+    if hlo_out:
+        os.makedirs(os.path.dirname(os.path.abspath(hlo_out)), exist_ok=True)
+        with open(hlo_out, "w", encoding="utf-8") as f:
+            f.write(text)
+    ma = compiled.memory_analysis()
+    arg, out, alias, temp = (int(getattr(ma, f"{k}_size_in_bytes", 0) or 0)
+                             for k in ("argument", "output", "alias", "temp"))
+    peak = int(getattr(ma, "peak_memory_in_bytes", 0) or 0) or (arg + out - alias + temp)
+    limit = target.device_memory_bytes * XLA_MEMORY_LIMIT_FRACTION
+    remat = bool(REMAT_LOG.search("".join(logs)))
+    report = {
+        "target": target.name, "hosts": target.hosts, "gpus_per_host": target.gpus_per_host,
+        "device_kind": target.device_kind, "device_memory_gib": round(target.device_memory_bytes / GIB, 2),
+        "device_batch_size": device_batch_size,
+        "memory_gib": {"arguments": round(arg / GIB, 3), "temporaries": round(temp / GIB, 3),
+                       "outputs": round(out / GIB, 3), "aliased": round(alias / GIB, 3), "peak": round(peak / GIB, 3)},
+        "fits": bool(peak <= limit), "remat_by_xla": remat,
+        **analyze_hlo(text),
+        "compile_seconds": round(seconds, 1),
+    }
+    if verbose and jax.process_index() == 0:
+        print(format_report(report, label), flush=True)
+    return report
+
+
+def format_report(r: dict, label: str = "") -> str:
+    """A few readable lines of a `compile_report` dict."""
+    m, a = r["memory_gib"], r["attention"]
+    head = f"{label + ' ' if label else ''}on {r['target']}:{r['hosts']}x{r['gpus_per_host']} ({r['device_kind']})"
+    fit = "fits" if r["fits"] and not r["remat_by_xla"] else ("fits only after XLA rematerialisation"
+                                                               if r["fits"] else "DOES NOT FIT")
+    lines = [
+        f"compiled {head} in {r['compile_seconds']:.0f} s, device batch {r['device_batch_size']}",
+        f"  memory per GPU: {m['peak']:.1f} GiB peak of {r['device_memory_gib']:.1f} GiB ({fit}) = arguments "
+        f"{m['arguments']:.1f} + temporaries {m['temporaries']:.1f} + outputs {m['outputs']:.1f} - aliased "
+        f"{m['aliased']:.1f}",
+        f"  attention: cuDNN flash fwd x{a['cudnn_fwd']} (windows {a['window_lengths_fwd']}), bwd x{a['cudnn_bwd']}"
+        f" (windows {a['window_lengths_bwd']})",
+        "  GEMMs by operand dtype: " + ", ".join(f"{k} {v}" for k, v in r["gemms"].items() if v)
+        + " | in the blocks: " + (", ".join(f"{k} {v}" for k, v in r["block_gemms"].items() if v) or "none"),
+        "  collectives: " + (", ".join(f"{k} {v}" for k, v in r["collectives"].items()) or "none"),
+    ]
+    return "\n".join(lines)
+
+
+def fits_cleanly(report: dict) -> bool:
+    """The step fits device memory without XLA having to rematerialise."""
+    return bool(report["fits"]) and not report["remat_by_xla"]
+
+
+def auto_device_batch_size(build: Callable[[int], tuple], target: Target, start: int = 16, largest: int = 256,
+                           verbose: bool = True) -> tuple[int, dict]:
+    """The largest power of two device batch whose compiled step fits `target` without XLA's rematerialisation.
+
+    Args:
+        build: device_batch_size -> (jitted, abstract_args) on a mesh of `target`'s devices (or of real GPUs: then
+            the same compile tells the fit at start-up).
+        start: the first size tried; sizes double while they fit and halve while they do not.
+    Returns:
+        (device batch size, its compile_report dict).
+    Raises:
+        UserError: not even a device batch of 1 fits (names --remat and a smaller model as the ways out).
+    """
+    tried: dict[int, dict] = {}
+
+    def attempt(b: int) -> dict:
+        jitted, args = build(b)
+        tried[b] = compile_report(jitted, args, target, b, label=f"device batch {b}", verbose=verbose)
+        return tried[b]
+
+    b = start
+    if fits_cleanly(attempt(b)):
+        while b * 2 <= largest and fits_cleanly(attempt(b * 2)):
+            b *= 2
+        return b, tried[b]
+    while b > 1:
+        b //= 2
+        if fits_cleanly(attempt(b)):
+            return b, tried[b]
+    need = tried[1]["memory_gib"]["peak"]
+    raise UserError(f"--device-batch-size=auto: not even a device batch of 1 fits {target} ({need:.1f} GiB per GPU "
+                    f"of {target.device_memory_bytes / GIB:.1f}); try --remat=block, more GPUs (ZeRO shards the "
+                    f"optimizer state) or a smaller --depth")
+
+
+def suggestion(report: dict) -> str:
+    """What would probably fit, estimated from one compile: temporaries scale with the device batch, arguments do
+    not. For the exact answer, --device-batch-size=auto compiles the candidates."""
+    m, b = report["memory_gib"], report["device_batch_size"] or 1
+    room = report["device_memory_gib"] * XLA_MEMORY_LIMIT_FRACTION - m["arguments"] - m["outputs"] + m["aliased"]
+    per_row = max(m["temporaries"] / b, 1e-9)
+    fit = 2 ** int(math.floor(math.log2(room / per_row))) if room > per_row else 0
+    if fit >= 1:
+        return (f"--device-batch-size={min(fit, b // 2 or 1)} should fit (about {per_row:.2f} GiB of temporaries per "
+                f"row), or --remat=dots/block; --device-batch-size=auto finds the largest exactly")
+    return "even one row does not fit: try --remat=block, more GPUs (ZeRO shards the optimizer state), a smaller --depth"
+
+
+def check_fits(report: dict, flag_hint: str = "") -> None:
+    """Raise UserError (exit 2 under run_cli) when the compiled step does not fit, saying what would."""
+    if report["fits"]:
+        return
+    m = report["memory_gib"]
+    raise UserError(f"{flag_hint}at --device-batch-size={report['device_batch_size']} the step needs "
+                    f"{m['peak']:.1f} GiB per GPU, more than {report['device_memory_gib']:.1f} GiB on "
+                    f"{report['target']}: {suggestion(report)}")
+
+
+def print_json(report: dict) -> None:
+    """The report as the last stdout line (one JSON document), on process 0."""
+    if jax.process_index() == 0:
+        print(json.dumps(report), flush=True)

@@ -480,3 +480,283 @@ def print_json(report: dict) -> None:
     """The report as the last stdout line (one JSON document), on process 0."""
     if jax.process_index() == 0:
         print(json.dumps(report), flush=True)
+
+
+def build_prefill(config, mesh, prompt_len: int, max_len: int | None = None):
+    """The engine's prefill: one batch-1 forward over a right-padded prompt of `prompt_len` tokens into a fresh KV
+    cache. Returns (jitted, (params, idx, valid_len) ShapeDtypeStructs)."""
+    from jaxchat import model as gpt
+    from jaxchat import sharding as shd
+
+    with backend.use(mesh):
+        rep = shd.replicated(mesh)
+        abstract_params = gpt.param_shapes(config)
+
+        def prefill(params, idx, valid_len):
+            cache = gpt.init_kv_cache(config, 1, max_len or prompt_len)
+            return gpt.forward(params, config, idx, kv_cache=cache, valid_len=valid_len)
+
+        jitted = jax.jit(prefill, in_shardings=rep, out_shardings=rep)
+        args = (_abstract(abstract_params, jax.tree.map(lambda _: rep, abstract_params)),
+                jax.ShapeDtypeStruct((1, prompt_len), jnp.int32, sharding=rep),
+                jax.ShapeDtypeStruct((1,), jnp.int32, sharding=rep))
+    return jitted, args
+
+
+def build_rl_step(config, mesh, device_batch_size: int, *, learning_rates: dict | None = None,
+                  weight_decay: float = 0.0, fp8: bool = False, remat: str = "none"):
+    """train.rl's update on one micro-batch: the gradient of sum_rows w * sum_t nll (REINFORCE with advantages w,
+    nanochat chat_rl) and the optimizer step, as one jitted program. Returns (jitted, (params, opt_state, inputs,
+    targets, weights, lrm) ShapeDtypeStructs)."""
+    import optax
+
+    from jaxchat import model as gpt
+    from jaxchat import sharding as shd
+    from jaxchat.optim import make_optimizer, set_hparams
+
+    with backend.use(mesh):
+        abstract_params = gpt.param_shapes(config)
+        param_sh = shd.param_shardings(abstract_params, mesh)
+        optimizer = make_optimizer(abstract_params, config, weight_decay=weight_decay, stack_multiple=mesh.size,
+                                   muon_update_fn=shd.sharded_muon_update(mesh), **(learning_rates or {}))
+        abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+        opt_sh = shd.opt_state_shardings(abstract_opt, mesh)
+        rep, rows = shd.replicated(mesh), shd.batch_sharding(mesh, 2)
+        row_w = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(shd.BATCH_AXES))
+
+        def step(params, opt_state, x, y, w, lrm):
+            def objective(p):
+                nll = gpt.loss_fn(p, config, x, y, reduction="none", fp8=fp8, remat=remat)
+                return jnp.sum(nll.sum(-1) * w)
+            _, grads = jax.value_and_grad(objective)(params)
+            updates, opt_state = optimizer.update(grads, set_hparams(opt_state, lrm=lrm), params)
+            return optax.apply_updates(params, updates), opt_state
+
+        jitted = jax.jit(step, in_shardings=(param_sh, opt_sh, rows, rows, row_w, rep),
+                         out_shardings=(param_sh, opt_sh), donate_argnums=(0, 1))
+        B, T = device_batch_size * mesh.size, config.sequence_len
+        args = (_abstract(abstract_params, param_sh), _abstract(abstract_opt, opt_sh),
+                jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=rows), jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=rows),
+                jax.ShapeDtypeStruct((B,), jnp.float32, sharding=row_w), jax.ShapeDtypeStruct((), jnp.float32, sharding=rep))
+    return jitted, args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry points: --compile-for, --hlo-out, --device-batch-size=auto, the --dry-run table
+
+
+def int_or_auto(text: str):
+    """argparse type of --device-batch-size: a positive int or 'auto'."""
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"--device-batch-size must be a positive integer or 'auto', got {text!r}") from None
+    return value
+
+
+int_or_auto.__name__ = "int or 'auto'"  # argparse names the type in its error message
+
+
+def add_flags(parser, *, device_batch_auto: bool = True, depth: bool = False) -> None:
+    """Add --compile-for, --hlo-out (and --fp8, --remat, --depth, when asked and the parser lacks them) and let
+    --device-batch-size accept 'auto'. Flags another module already added are left alone."""
+    have = parser._option_string_actions
+    if "--compile-for" not in have:
+        parser.add_argument("--compile-for", default=None, metavar="TARGET:HOSTSxGPUS",
+                            help="compile the step for described GPUs (h100, h200, a100; e.g. h100:2x8) and report "
+                                 "its memory per GPU, kernels and collectives; runs nothing (needs pip install -e '.[gpu]')")
+    if "--hlo-out" not in have:
+        parser.add_argument("--hlo-out", default=None, metavar="FILE", help="with --compile-for: write the optimized HLO")
+    if "--fp8" not in have:
+        parser.add_argument("--fp8", action="store_true",
+                            help="FP8 (tensorwise e4m3/e5m2) matmuls in the transformer blocks (H100+)")
+    if "--remat" not in have:
+        parser.add_argument("--remat", choices=("none", "dots", "block"), default="none",
+                            help="activation checkpointing of the blocks: none, dots (keep matmul outputs), block")
+    if depth and "--depth" not in have:
+        parser.add_argument("--depth", type=int, default=20,
+                            help="[--compile-for without a checkpoint] nanochat-sized model of this depth")
+    if device_batch_auto and "--device-batch-size" in have:
+        have["--device-batch-size"].type = int_or_auto
+
+
+def nanochat_config(depth: int, sequence_len: int = 2048, vocab_size: int = 32768, window_pattern: str = "SSSL"):
+    """nanochat base_train's model for a depth: n_embd = 64 * depth rounded up to the 128 head dim."""
+    from jaxchat import model as gpt
+    n_embd = -(-depth * 64 // 128) * 128
+    return gpt.GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_embd // 128,
+                         n_kv_head=n_embd // 128, n_embd=n_embd, window_pattern=window_pattern)
+
+
+def config_from_checkpoint(source: str, model_tag: str | None, depth: int):
+    """The model config of the newest `source` checkpoint (meta only, no weights), else nanochat's for `depth`."""
+    from jaxchat import checkpoint as ckpt
+    from jaxchat import model as gpt
+    try:
+        meta = ckpt.load_meta(ckpt.checkpoint_dir(source, model_tag))
+        return gpt.GPTConfig.from_dict(meta["model_config"]), f"{source} checkpoint"
+    except (FileNotFoundError, KeyError, ValueError, OSError):
+        return nanochat_config(depth), f"nanochat d{depth} (no {source} checkpoint)"
+
+
+def local_target(mesh) -> Target:
+    """A Target for the real GPUs of `mesh` (their memory from `memory_stats()`), for --device-batch-size=auto at
+    start-up. Raises UserError off GPU."""
+    dev = mesh.devices.flat[0]
+    if backend.platform_of(mesh) != "gpu":
+        raise UserError("--device-batch-size=auto picks the largest batch that fits GPU memory: it needs GPUs, or "
+                        "--compile-for=TARGET:HxG to plan for them; on CPU pass a number, e.g. --device-batch-size=8")
+    limit = int((dev.memory_stats() or {}).get("bytes_limit", 0))
+    text = f'device_memory_size: {limit}\ndevice_description_str: "{dev.device_kind}"'
+    return Target(dev.device_kind.lower().replace(" ", "-"), jax.process_count(), jax.local_device_count(), text)
+
+
+def choose_and_compile(build: Callable[[int], tuple], target: Target, device_batch_size, hlo_out: str | None = None,
+                       label: str = "") -> tuple[int, dict]:
+    """Compile `build(device_batch_size)` (or, for 'auto', the largest power of two that fits); write the chosen
+    program's HLO to hlo_out. Returns (device batch size, report)."""
+    if device_batch_size == "auto":
+        b, report = auto_device_batch_size(build, target)
+        if hlo_out:  # compile the winner once more for its text: auto compiled several candidates
+            jitted, args = build(b)
+            report = compile_report(jitted, args, target, b, hlo_out, label=label, verbose=False)
+        print(f"--device-batch-size=auto: {b} (the largest power of two that fits {target} without XLA "
+              f"rematerialisation)", flush=True)
+        return b, report
+    jitted, args = build(int(device_batch_size))
+    return int(device_batch_size), compile_report(jitted, args, target, int(device_batch_size), hlo_out, label=label)
+
+
+def auto_for_mesh(build: Callable[[int], tuple], mesh) -> int:
+    """--device-batch-size=auto on the real GPUs of `mesh`: compile candidates there (nothing runs)."""
+    b, _ = auto_device_batch_size(build, local_target(mesh))
+    return b
+
+
+def plan_table(rows: list[tuple[str, Any]], report: dict | None = None) -> str:
+    """A two-column text table of (name, value) rows, with the memory per GPU of a compile report appended."""
+    rows = list(rows)
+    if report:
+        m = report["memory_gib"]
+        rows += [("compiled for", f"{report['target']}:{report['hosts']}x{report['gpus_per_host']} "
+                                  f"({report['device_kind']}, {report['device_memory_gib']:.1f} GiB)"),
+                 ("device batch size", report["device_batch_size"]),
+                 ("memory per GPU (GiB)", f"arguments {m['arguments']:.2f}, temporaries {m['temporaries']:.2f}, "
+                                          f"outputs {m['outputs']:.2f}, aliased {m['aliased']:.2f}"),
+                 ("peak per GPU (GiB)", f"{m['peak']:.2f} of {report['device_memory_gib']:.1f}: "
+                                        + ("fits" if fits_cleanly(report) else
+                                           "fits after XLA rematerialisation" if report["fits"] else "DOES NOT FIT")),
+                 ("compile time (s)", report["compile_seconds"])]
+    width = max(len(k) for k, _ in rows)
+    fmt = lambda v: f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else (f"{v:.6g}" if isinstance(v, float) else str(v))  # noqa: E731
+    return "\n".join(f"{k:<{width}} | {fmt(v)}" for k, v in rows)
+
+
+def pretrain_plan_rows(plan: dict) -> list[tuple[str, Any]]:
+    c = plan["model_config"]
+    return [("model", f"d{c['n_layer']}: n_embd {c['n_embd']}, {c['n_head']} heads, seq {c['sequence_len']}, "
+                      f"vocab {c['vocab_size']}"),
+            ("parameters", plan["param_counts"]["total"]), ("scaling parameters", plan["num_scaling_params"]),
+            ("total batch (tokens)", plan["total_batch_size"]), ("devices", plan["num_devices"]),
+            ("device batch x seq", plan["tokens_per_fwdbwd"]), ("gradient accumulation", plan["grad_accum_steps"]),
+            ("iterations", plan["num_iterations"]), ("tokens", plan["total_tokens"]),
+            ("tokens per parameter", round(plan["tokens_per_param"], 2)), ("FLOPs", f"{plan['total_flops']:.3e}")] + (
+           [("error", plan["error"])] if plan.get("error") else [])
+
+
+def pretrain_compile_for(args) -> dict:
+    """train.pretrain --compile-for: the real step (mesh, shardings, optimizer, plan) compiled for the target.
+
+    Prints the plan table with the memory per GPU and, last, one JSON line (the report with the plan in 'plan').
+    Raises:
+        UserError: the step does not fit (with what would).
+    """
+    from train import pretrain as pt
+    from jaxchat import model as gpt
+
+    target = parse_target(args.compile_for)
+    if target.num_devices % args.fsdp:
+        raise UserError(f"--fsdp={args.fsdp} must divide the {target.num_devices} GPUs of --compile-for={target}")
+    mesh = topology_mesh(target, (target.num_devices // args.fsdp, args.fsdp))
+    vocab = pt._vocab_for_dry_run(args)
+
+    def plan_for(b):
+        return pt.make_plan(argparse_copy(args, device_batch_size=b), vocab, target.num_devices, strict=False)
+
+    def build(b):
+        plan = plan_for(b)
+        with backend.use(mesh):
+            muon_dtype = pt.resolve_muon_dtype(args.muon_dtype)
+        return build_pretrain_step(gpt.GPTConfig.from_dict(plan["model_config"]), mesh, b,
+                                   grad_accum_steps=plan["grad_accum_steps"] or 1, fp8=args.fp8, remat=args.remat,
+                                   learning_rates=plan["learning_rates"], weight_decay=plan["weight_decay"],
+                                   muon_dtype=muon_dtype)
+
+    b, report = choose_and_compile(build, target, args.device_batch_size, args.hlo_out, label="pretraining step")
+    plan = plan_for(b)
+    print(plan_table(pretrain_plan_rows(plan) + [("fp8", args.fp8), ("remat", args.remat)], report), flush=True)
+    out = {**report, "fp8": args.fp8, "remat": args.remat, "plan": plan}
+    print_json(out)
+    check_fits(report, f"--compile-for={target}: ")
+    return out
+
+
+def argparse_copy(args, **changes):
+    import argparse
+    return argparse.Namespace(**{**vars(args), **changes})
+
+
+def sft_compile_for(args, rl: bool = False) -> dict:
+    """train.sft / train.rl --compile-for: their update step for the model of the newest base (sft for RL)
+    checkpoint, else nanochat's d{--depth}, compiled for the target. Prints a table and one JSON line last."""
+    target = parse_target(args.compile_for)
+    mesh = topology_mesh(target)
+    source = "sft" if rl else "base"
+    config, origin = config_from_checkpoint(source, getattr(args, "model_tag", None), getattr(args, "depth", 20))
+    if getattr(args, "max_seq_len", None) and not rl:
+        config = type(config).from_dict({**config.to_dict(), "sequence_len": min(args.max_seq_len, config.sequence_len)})
+    lrs = {k: getattr(args, k) for k in ("unembedding_lr", "embedding_lr", "matrix_lr") if hasattr(args, k)}
+    fp8, remat = getattr(args, "fp8", False), getattr(args, "remat", "none")
+
+    def build(b):
+        if rl:
+            return build_rl_step(config, mesh, b, learning_rates=lrs, weight_decay=getattr(args, "weight_decay", 0.0),
+                                 fp8=fp8, remat=remat)
+        return build_pretrain_step(config, mesh, b, fp8=fp8, remat=remat, learning_rates=lrs, weight_decay=0.0)
+
+    name = "RL update step" if rl else "SFT step"
+    b, report = choose_and_compile(build, target, args.device_batch_size, args.hlo_out, label=name)
+    rows = [("program", name), ("model", f"d{config.n_layer} n_embd {config.n_embd} seq {config.sequence_len} "
+                                         f"({origin})"), ("fp8", fp8), ("remat", remat)]
+    print(plan_table(rows, report), flush=True)
+    out = {**report, "program": name, "model_config": config.to_dict()}
+    print_json(out)
+    check_fits(report, f"--compile-for={target}: ")
+    return out
+
+
+def infer_bench_compile_for(args, config) -> dict:
+    """evals.infer_bench --compile-for: the engine's prefill over --prompt-len and its decode loop (chunks of
+    --decode-chunk tokens) at each --batch-sizes entry, compiled for the target. One JSON line last:
+    {target, hosts, gpus_per_host, device_memory_gib, fits, programs: {prefill, decode_b<B>: report}}."""
+    target = parse_target(args.compile_for)
+    mesh = topology_mesh(target)
+    max_len = min(config.sequence_len, args.prompt_len + args.decode_tokens)
+    programs = {"prefill": compile_report(*build_prefill(config, mesh, args.prompt_len, max_len), target, 1,
+                                          args.hlo_out and f"{args.hlo_out}.prefill", label="prefill")}
+    for b in args.batch_sizes:
+        jitted, a = build_decode_loop(config, mesh, b, max_len, steps=args.decode_chunk)
+        programs[f"decode_b{b}"] = compile_report(jitted, a, target, b, args.hlo_out and f"{args.hlo_out}.decode_b{b}",
+                                                  label=f"decode loop, batch {b}")
+    rows = [(name, f"peak {r['memory_gib']['peak']:.2f} GiB per GPU, GEMMs {r['gemms']}, "
+                   f"{r['compile_seconds']:.0f} s") for name, r in programs.items()]
+    print(plan_table([("model", f"d{config.n_layer} n_embd {config.n_embd}")] + rows), flush=True)
+    worst = max(programs.values(), key=lambda r: r["memory_gib"]["peak"])
+    out = {"target": target.name, "hosts": target.hosts, "gpus_per_host": target.gpus_per_host,
+           "device_memory_gib": worst["device_memory_gib"], "fits": all(r["fits"] for r in programs.values()),
+           "programs": programs}
+    print_json(out)
+    check_fits(worst, f"--compile-for={target}: ")
+    return out

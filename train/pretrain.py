@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxchat import checkpoint as ckpt
+from jaxchat import gpu_compile
 from jaxchat import model as gpt
 from jaxchat import schedules as sched
 from jaxchat.engine import SAMPLE_PROMPTS
@@ -91,13 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", choices=("shards", "synthetic"), default="shards", help="training data: parquet shards of $JAXCHAT_BASE_DIR/base_data, or synthetic token progressions (tests, benchmarks)")
     p.add_argument("--seed", type=int, default=42, help="parameter init seed (nanochat: torch.manual_seed(42))")
     p.add_argument("--muon-dtype", choices=("bfloat16", "float32", "auto"), default="bfloat16", help="dtype of Muon's Polar Express iterations: bfloat16 as nanochat; float32 for exact comparisons; auto = float32 when the compute dtype is float32")
+    gpu_compile.add_flags(p)  # --compile-for, --hlo-out, --fp8, --remat, --device-batch-size=auto
     return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     for flag in ("depth", "aspect_ratio", "head_dim", "max_seq_len", "device_batch_size", "fsdp"):
-        if getattr(args, flag) <= 0:
+        if getattr(args, flag) != "auto" and getattr(args, flag) <= 0:
             raise SystemExit(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.vocab_size is not None and args.vocab_size <= 0:
         raise SystemExit(f"--vocab-size must be positive, got {args.vocab_size}")
@@ -268,7 +270,8 @@ class Training(NamedTuple):
 
 
 @functools.lru_cache(maxsize=4)
-def build_training(config: gpt.GPTConfig, lrs: tuple, weight_decay: float, muon_dtype: str, fsdp: int):
+def build_training(config: gpt.GPTConfig, lrs: tuple, weight_decay: float, muon_dtype: str, fsdp: int,
+                   fp8: bool = False, remat: str = "none"):
     """The mesh, optimizer, shardings and jitted functions (a `Training`) for a config.
 
     Cached, so runs of the same configuration in one process (tests, train.bench after train.pretrain) share one
@@ -286,7 +289,8 @@ def build_training(config: gpt.GPTConfig, lrs: tuple, weight_decay: float, muon_
                                stack_multiple=mesh.size, muon_update_fn=shd.sharded_muon_update(mesh), **dict(lrs))
     opt_sh = shd.opt_state_shardings(jax.eval_shape(optimizer.init, abstract_params), mesh)
     batch_sh = shd.batch_sharding(mesh, 3)
-    step_fn = tl.jit_train_step(config, optimizer, param_sh, opt_sh, batch_sh)
+    step_fn = tl.jit_train_step(config, optimizer, param_sh, opt_sh, batch_sh,
+                                functools.partial(gpt.loss_fn, fp8=fp8, remat=remat))
     init_params = jax.jit(functools.partial(gpt.init_params, config), out_shardings=param_sh)
     init_opt = jax.jit(optimizer.init, out_shardings=opt_sh)
     return Training(mesh, optimizer, param_sh, opt_sh, batch_sh, step_fn, init_params, init_opt)
@@ -305,8 +309,13 @@ def main(argv=None) -> dict:
         FileNotFoundError: --data=shards without a tokenizer or shards; --resume-from-step without that step.
     """
     args = parse_args(argv)
+    if args.compile_for:  # build and compile the step for described GPUs; nothing runs, no data is read
+        return {"plan": gpu_compile.pretrain_compile_for(args)["plan"]}
     if args.dry_run:
+        if args.device_batch_size == "auto":
+            raise gpu_compile.UserError("--dry-run --device-batch-size=auto: add --compile-for=TARGET:HxG (e.g. h100:1x8) to size it")
         plan = make_plan(args, _vocab_for_dry_run(args), jax.device_count(), strict=False)
+        print(gpu_compile.plan_table(gpu_compile.pretrain_plan_rows(plan)), flush=True)
         print(json.dumps(plan), flush=True)
         return {"plan": plan}
 
@@ -338,6 +347,11 @@ def main(argv=None) -> dict:
         token_bytes_np = np.ones(vocab_size, np.int32)  # synthetic tokens: one "byte" each
     print0(f"Vocab size: {vocab_size:,}")
 
+    if args.device_batch_size == "auto":  # the largest power of two whose step compiles within GPU memory
+        auto_mesh, auto_config = shd.make_mesh(args.fsdp), model_config(args, vocab_size)
+        args.device_batch_size = gpu_compile.auto_for_mesh(lambda b: gpu_compile.build_pretrain_step(
+            auto_config, auto_mesh, b, fp8=args.fp8, remat=args.remat), auto_mesh)
+        print0(f"--device-batch-size=auto: {args.device_batch_size}")
     plan = make_plan(args, vocab_size, n_devices)
     config = gpt.GPTConfig.from_dict(plan["model_config"])
     num_iterations, total_batch_size = plan["num_iterations"], plan["total_batch_size"]
@@ -353,7 +367,8 @@ def main(argv=None) -> dict:
            + f" | Muon weight decay {plan['weight_decay']:.6f}")
 
     # Mesh, parameters, optimizer (ZeRO-1 state, Muon stacks split over devices with shard_map)
-    tr = build_training(config, tuple(sorted(lrs.items())), plan["weight_decay"], args.muon_dtype, args.fsdp)
+    tr = build_training(config, tuple(sorted(lrs.items())), plan["weight_decay"], args.muon_dtype, args.fsdp,
+                        args.fp8, args.remat)
     mesh, optimizer, param_sh, opt_sh, batch_sh, step_fn = tr[:6]
     abstract_params = gpt.param_shapes(config)
     abstract_opt = jax.eval_shape(optimizer.init, abstract_params)

@@ -43,6 +43,7 @@ GIB = 1024 ** 3
 # XLA's GPU compiler schedules and rematerialises against this share of the device memory
 # (--xla_gpu_memory_limit_slop_factor, default 95): a program whose peak lies above it had to be squeezed.
 XLA_MEMORY_LIMIT_FRACTION = 0.95
+SPEEDRUN_DEVICE_BATCH = 16  # nanochat's speedrun device batch on 8xH100
 REMAT_LOG = re.compile(r"Can't reduce memory use below|by rematerialization")
 
 
@@ -170,7 +171,7 @@ def _abstract(tree, shardings):
 
 def build_pretrain_step(config, mesh, device_batch_size: int, *, grad_accum_steps: int = 1, fp8: bool = False,
                         remat: str = "none", learning_rates: dict | None = None, weight_decay: float = 0.0,
-                        muon_dtype: str = "bfloat16", loss_fn: Callable | None = None):
+                        muon_dtype: str = "bfloat16", loss_fn: Callable | None = None, with_optimizer: bool = False):
     """The jitted pretraining (and SFT: the same step, other data) train step and its abstract arguments.
 
     What train.pretrain builds (jaxchat.train_loop.jit_train_step: ZeRO-1 optimizer state, the Muon stacks split
@@ -181,7 +182,8 @@ def build_pretrain_step(config, mesh, device_batch_size: int, *, grad_accum_step
         device_batch_size: rows per device per micro-step; grad_accum_steps: micro-steps per step.
         fp8, remat: passed to `jaxchat.model.loss_fn`. learning_rates: make_optimizer's *_lr keywords.
     Returns:
-        (jitted step, (params, opt_state, inputs, targets, hparams) as ShapeDtypeStructs).
+        (jitted step, (params, opt_state, inputs, targets, hparams) as ShapeDtypeStructs), and the optax optimizer
+        third when with_optimizer (to initialise a real state: runs/gpu_check.sh).
     """
     from jaxchat import model as gpt
     from jaxchat import sharding as shd
@@ -204,7 +206,7 @@ def build_pretrain_step(config, mesh, device_batch_size: int, *, grad_accum_step
                                      jnp.int32, sharding=batch_sh)
         hparams = {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=rep) for k in ("lrm", "momentum", "weight_decay")}
         args = (_abstract(abstract_params, param_sh), _abstract(abstract_opt, opt_sh), batch, batch, hparams)
-    return step, args
+    return (step, args, optimizer) if with_optimizer else (step, args)
 
 
 def build_decode_loop(config, mesh, batch_size: int, max_len: int | None = None, steps: int = 32):
@@ -559,9 +561,9 @@ def int_or_auto(text: str):
 int_or_auto.__name__ = "int or 'auto'"  # argparse names the type in its error message
 
 
-def add_flags(parser, *, device_batch_auto: bool = True, depth: bool = False) -> None:
-    """Add --compile-for, --hlo-out (and --fp8, --remat, --depth, when asked and the parser lacks them) and let
-    --device-batch-size accept 'auto'. Flags another module already added are left alone."""
+def add_flags(parser, *, device_batch_auto: bool = True, depth: bool = False, train: bool = True) -> None:
+    """Add --compile-for, --hlo-out (and --fp8, --remat for training, --depth when asked, where the parser lacks
+    them) and let --device-batch-size accept 'auto'. Flags another module already added are left alone."""
     have = parser._option_string_actions
     if "--compile-for" not in have:
         parser.add_argument("--compile-for", default=None, metavar="TARGET:HOSTSxGPUS",
@@ -569,10 +571,10 @@ def add_flags(parser, *, device_batch_auto: bool = True, depth: bool = False) ->
                                  "its memory per GPU, kernels and collectives; runs nothing (needs pip install -e '.[gpu]')")
     if "--hlo-out" not in have:
         parser.add_argument("--hlo-out", default=None, metavar="FILE", help="with --compile-for: write the optimized HLO")
-    if "--fp8" not in have:
+    if train and "--fp8" not in have:
         parser.add_argument("--fp8", action="store_true",
                             help="FP8 (tensorwise e4m3/e5m2) matmuls in the transformer blocks (H100+)")
-    if "--remat" not in have:
+    if train and "--remat" not in have:
         parser.add_argument("--remat", choices=("none", "dots", "block"), default="none",
                             help="activation checkpointing of the blocks: none, dots (keep matmul outputs), block")
     if depth and "--depth" not in have:
@@ -717,7 +719,8 @@ def sft_compile_for(args, rl: bool = False) -> dict:
     config, origin = config_from_checkpoint(source, getattr(args, "model_tag", None), getattr(args, "depth", 20))
     if getattr(args, "max_seq_len", None) and not rl:
         config = type(config).from_dict({**config.to_dict(), "sequence_len": min(args.max_seq_len, config.sequence_len)})
-    lrs = {k: getattr(args, k) for k in ("unembedding_lr", "embedding_lr", "matrix_lr") if hasattr(args, k)}
+    lrs = {k: getattr(args, k) for k in ("unembedding_lr", "embedding_lr", "matrix_lr")
+           if getattr(args, k, None) is not None}  # None: SFT inherits them from the checkpoint
     fp8, remat = getattr(args, "fp8", False), getattr(args, "remat", "none")
 
     def build(b):
@@ -727,7 +730,8 @@ def sft_compile_for(args, rl: bool = False) -> dict:
         return build_pretrain_step(config, mesh, b, fp8=fp8, remat=remat, learning_rates=lrs, weight_decay=0.0)
 
     name = "RL update step" if rl else "SFT step"
-    b, report = choose_and_compile(build, target, args.device_batch_size, args.hlo_out, label=name)
+    batch = args.device_batch_size or SPEEDRUN_DEVICE_BATCH  # SFT's None means "inherit from the checkpoint"
+    b, report = choose_and_compile(build, target, batch, args.hlo_out, label=name)
     rows = [("program", name), ("model", f"d{config.n_layer} n_embd {config.n_embd} seq {config.sequence_len} "
                                          f"({origin})"), ("fp8", fp8), ("remat", remat)]
     print(plan_table(rows, report), flush=True)

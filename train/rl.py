@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxchat import gpu_compile
 from jaxchat import model as gpt
 from jaxchat.checkpoint import checkpoint_dir, load_model_from, save_checkpoint
 from jaxchat.common import get_base_dir, maybe_init_distributed, print0, reexec_with_hugepage_malloc
@@ -181,6 +182,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val-task-file", type=str, default=None,
                    help="local GSM8K-schema file for pass@k (default: the test split, or --task-file if given)")
     p.add_argument("--output-tag", type=str, default=None, help="checkpoint tag to write (default: --model-tag or d<depth>)")
+    gpu_compile.add_flags(p, device_batch_auto=False, depth=True)  # --compile-for, --hlo-out, --fp8, --remat
     args = p.parse_args(argv)
     for name in ("device_batch_size", "examples_per_step", "num_samples"):
         if getattr(args, name) < 1:
@@ -207,6 +209,8 @@ def load_tasks(args):
 def main(argv=None) -> dict:
     """Run RL; returns {'steps', 'rewards', 'losses', 'passk', 'checkpoint_dir'}."""
     args = parse_args(argv)
+    if args.compile_for:  # compile the RL update step for described GPUs (jaxchat.gpu_compile); nothing runs
+        return gpu_compile.sft_compile_for(args, rl=True)
     user_config = vars(args).copy()
     maybe_init_distributed()
     rank, world = jax.process_index(), jax.process_count()

@@ -28,6 +28,7 @@ identity conversations default to jaxchat's own `configs/identity_conversations.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import sys
@@ -35,6 +36,7 @@ import sys
 import jax
 import numpy as np
 
+from jaxchat import gpu_compile
 from jaxchat import model as gpt
 from jaxchat.checkpoint import checkpoint_dir, load_model_from, restore_checkpoint, save_checkpoint
 from jaxchat.common import (device_kind, get_base_dir, get_peak_flops, maybe_init_distributed, print0,
@@ -101,6 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     # jaxchat
     p.add_argument("--fsdp", type=int, default=1, help="size of the mesh's 'fsdp' axis (shards the parameters)")
     p.add_argument("--output-tag", type=str, default=None, help="checkpoint tag to write (default: --model-tag or d<depth>)")
+    gpu_compile.add_flags(p, depth=True)  # --compile-for, --hlo-out, --fp8, --remat, --device-batch-size=auto
     args = p.parse_args(argv)
     names = [n.strip().lower() for n in args.mixture.split(",") if n.strip()]
     unknown = sorted(set(names) - set(TASK_NAMES))
@@ -307,6 +310,8 @@ def run_chatcore(params, config, tokenizer, batch_size: int, max_cat: int, max_s
 def main(argv=None) -> dict:
     """Run SFT; returns a summary {'step', 'min_val_bpb', 'val_bpb_history', 'checkpoint_dir', 'cropped'}."""
     args = parse_args(argv)
+    if args.compile_for:  # compile the SFT step for described GPUs (jaxchat.gpu_compile); nothing runs
+        return gpu_compile.sft_compile_for(args)
     user_config = {k: v for k, v in vars(args).items() if k != "mixture_names"}
     maybe_init_distributed()
     base_dir = get_base_dir()
@@ -328,6 +333,9 @@ def main(argv=None) -> dict:
     # ---- mesh, optimizer, jitted step
     mesh = make_mesh(args.fsdp)
     world = mesh.size
+    if args.device_batch_size == "auto":  # the largest power of two whose step compiles within GPU memory
+        args.device_batch_size = gpu_compile.auto_for_mesh(lambda b: gpu_compile.build_pretrain_step(
+            config, mesh, b, fp8=args.fp8, remat=args.remat), mesh)
     tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len * world
     if args.total_batch_size % tokens_per_fwdbwd:
         raise SystemExit(f"--total-batch-size={args.total_batch_size} is not a multiple of device_batch_size x "
@@ -361,7 +369,8 @@ def main(argv=None) -> dict:
 
     b_sh = batch_sharding(mesh, ndim=3)
     b2_sh = batch_sharding(mesh, ndim=2)
-    step_fn = jit_train_step(config, optimizer, p_sh, o_sh, b_sh)
+    step_fn = jit_train_step(config, optimizer, p_sh, o_sh, b_sh,
+                             functools.partial(gpt.loss_fn, fp8=args.fp8, remat=args.remat))
     token_bytes = jax.device_put(tokenizer.token_bytes(), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
     ranks, world = data_ranks(mesh)

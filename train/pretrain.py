@@ -315,7 +315,7 @@ def main(argv=None) -> dict:
         if args.device_batch_size == "auto":
             raise gpu_compile.UserError("--dry-run --device-batch-size=auto: add --compile-for=TARGET:HxG (e.g. h100:1x8) to size it")
         plan = make_plan(args, _vocab_for_dry_run(args), jax.device_count(), strict=False)
-        print(gpu_compile.plan_table(gpu_compile.pretrain_plan_rows(plan)), flush=True)
+        print(gpu_compile.plan_table(gpu_compile.pretrain_plan_rows(plan)), file=sys.stderr, flush=True)  # stdout: JSON only
         print(json.dumps(plan), flush=True)
         return {"plan": plan}
 

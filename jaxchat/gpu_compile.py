@@ -360,8 +360,9 @@ def compile_report(jitted, abstract_args, target: Target, device_batch_size: int
     Returns:
         a JSON-able dict: target, hosts, gpus_per_host, device_kind, device_memory_gib, device_batch_size,
         memory_gib {arguments, temporaries, outputs, aliased, peak}, fits (peak within XLA's memory limit),
-        remat_by_xla (XLA logged that it rematerialised, or the peak sits at its limit), attention, gemms,
-        block_gemms, collectives (`analyze_hlo`), compile_seconds.
+        remat_by_xla (XLA logged "Can't reduce memory use below ... by rematerialization" while compiling: it
+        had to rematerialise and still missed its target; a silent successful rematerialisation cannot be told),
+        attention, gemms, block_gemms, collectives (`analyze_hlo`), compile_seconds.
     """
     mesh = _mesh_of(abstract_args)
     logs: list[str] = []

@@ -6,8 +6,9 @@ input-dependent gate on alternating layers (ResFormer), relu² MLP, weightless R
 scalars, smear (previous-token mixing), backout (subtract the mid-layer residual), an untied head over a padded
 vocabulary, and a logit softcap.
 
-Parameters are a nested dict of float32 arrays (the embedding tables bfloat16 on GPU: `param_shapes`). Matrices keep nanochat's (out_features, in_features) layout, so that
-checkpoints convert without transposes and Muon's row/column conventions carry over unchanged:
+Parameters are a nested dict of float32 arrays (the embedding tables bfloat16 on GPU: `param_shapes`). Matrices keep
+nanochat's (out_features, in_features) layout, so that checkpoints convert without transposes and Muon's row/column
+conventions carry over unchanged:
 
     {'wte': (Vp, C), 'lm_head': (Vp, C),
      'value_embeds': {'<i>': (Vp, n_kv_head*head_dim)} for each layer i with a value embedding,

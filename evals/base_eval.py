@@ -18,7 +18,7 @@ import os
 
 import jax
 
-from jaxchat.common import get_base_dir, is_main_process, maybe_init_distributed, print0
+from jaxchat.common import get_base_dir, is_main_process, maybe_init_distributed, print0, run_cli
 
 from jaxchat.engine import SAMPLE_PROMPTS  # noqa: E402
 VALID_MODES = ("core", "bpb", "sample")
@@ -176,4 +176,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

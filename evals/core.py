@@ -238,9 +238,15 @@ class CoreScorer:
     Give either `forward_fn(idx) -> logits` (a pure jnp function: int32 (B, T) -> float (B, T, V); used by tests
     with scripted models) or `params` + `config` (runs `jaxchat.model.forward`).
 
+    Rows longer than the model's sequence_len are scored whole, as nanochat scores them: its `core_eval.py` crops
+    only models with a `max_seq_len` attribute, which nanochat's GPT lacks, and its rotary table covers
+    10 x sequence_len positions. jaxchat's forward computes the rotary angles for the actual positions, and the
+    "long" layers attend over a window of sequence_len keys, as nanochat's window (sequence_len, 0) does.
+
     Args:
         max_seq_len: rows longer than this keep their last max_seq_len tokens (span shifted, as nanochat does for
-            models with a length limit); default config.sequence_len, or unlimited with forward_fn.
+            models with a length limit); default for params + config: `jaxchat.model.ROTARY_LEN_FACTOR` (10) x
+            config.sequence_len, the longest input nanochat's model accepts; unlimited with forward_fn.
         tokens_per_device: padded tokens per device per forward; sets the batch (e.g. 16384 tokens = 64 rows of
             256 = 8 rows of 2048). The (tokens, vocab) float32 logits of one batch must fit in memory.
         min_len: shortest padded length (lengths are padded up to powers of two, at least this).
@@ -254,9 +260,10 @@ class CoreScorer:
         if forward_fn is None:
             from jaxchat import model as gpt
 
+            max_seq_len = max_seq_len or gpt.ROTARY_LEN_FACTOR * config.sequence_len
+
             def logits_fn(p, idx):
-                return gpt.forward(p, config, idx)
-            max_seq_len = max_seq_len or config.sequence_len
+                return gpt.forward(p, config, idx, max_len=max_seq_len)
         else:
             def logits_fn(p, idx):
                 return forward_fn(idx)

@@ -13,15 +13,23 @@ cache with a mask, so it moves more bytes than that minimum: MBU measures distan
         --max-seq-len 256 --prompt-len 16 --decode-tokens 128 --batch-sizes 1,8
 
 Compile time is excluded: each batch size runs once untimed first. Decoding is greedy, without a tokenizer (no stop
-tokens), so every row runs the full --decode-tokens. Prints a table, and last one JSON line with a `sweep` list of
-rows {batch_size, prefill_tok_per_sec, tok_per_sec, ms_per_token, mbu}.
+tokens), so every row runs the full --decode-tokens. Prints nanochat HEAD's card (model, device, parameters, KV
+bytes, the batch-1 decode ceiling, prefill tok/s and MFU) and its table per batch size: TTFT (the prefill, blocked
+on: the first token is drawn from its logits), TPOT (decode seconds per step; the loop runs on the device, so it is
+the mean step of the chunked loop, not nanochat's median per-step time), decode tok/s, MBU, MFU (nanochat's
+`estimate_decode_flops` per row per step over the peak FLOP/s) and peak memory (the device's `memory_stats()` peak,
+or on CPU the process's peak resident set). MBU and MFU are null where the peak is unknown (CPU). The last line is
+one JSON document with a `sweep` list of rows {batch_size, ttft_sec, tpot_sec, tok_per_sec, mbu_percent,
+mfu_percent, peak_memory_bytes, decode_steps, prefill_tok_per_sec, ms_per_token, mbu}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
+import sys
 import time
 
 import jax
@@ -29,7 +37,7 @@ import numpy as np
 
 from jaxchat import gpu_compile
 from jaxchat import model as gpt
-from jaxchat.common import compute_dtype, device_kind, get_peak_bandwidth
+from jaxchat.common import compute_dtype, device_kind, get_peak_bandwidth, get_peak_flops
 from jaxchat.engine import Engine
 
 
@@ -84,6 +92,42 @@ def kv_read_bytes(config: gpt.GPTConfig, context: int, dtype) -> int:
     return sum(min(w + 1, context) * per_pos for w in config.window_sizes)
 
 
+def matmul_params(config: gpt.GPTConfig) -> int:
+    """Parameters that take part in a matmul per token: the transformer matrices and lm_head (not the embeddings
+    gathered by row, nor the scalars)."""
+    counts = gpt.num_scaling_params(config)
+    return counts["transformer_matrices"] + counts["lm_head"]
+
+
+def decode_flops(config: gpt.GPTConfig, context: int) -> int:
+    """Forward FLOPs to decode one token at this context (nanochat `GPT.estimate_decode_flops`): 2 per matmul
+    parameter, plus 4 * n_head * head_dim per attended position, each layer up to its window."""
+    attn = sum(4 * config.n_head * config.head_dim * min(context, w + 1) for w in config.window_sizes)
+    return 2 * matmul_params(config) + attn
+
+
+def prefill_flops(config: gpt.GPTConfig, n: int) -> int:
+    """Forward FLOPs to prefill n tokens (nanochat `GPT.estimate_prefill_flops`): causal, token t attends to
+    min(t, window) positions."""
+    attn = 0
+    for w in config.window_sizes:
+        w = min(w + 1, n)
+        attn += 4 * config.n_head * config.head_dim * (w * (w + 1) // 2 + (n - w) * w)
+    return 2 * matmul_params(config) * n + attn
+
+
+def peak_memory() -> tuple[int | None, str]:
+    """(bytes, kind): the first device's peak bytes in use, or on CPU (no memory_stats) the process's peak RSS."""
+    try:
+        stats = jax.local_devices()[0].memory_stats()
+    except Exception:
+        stats = None
+    if stats and "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"]), "device"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return int(rss if sys.platform == "darwin" else rss * 1024), "host_rss"
+
+
 def bench_once(engine: Engine, prompt: list[int], batch_size: int, decode_tokens: int) -> dict:
     """One generation: prefill seconds (blocked on), decode seconds and steps."""
     stream = engine.stream_chunks(prompt, num_samples=batch_size, max_tokens=decode_tokens, temperature=0.0)
@@ -126,41 +170,71 @@ def main(argv=None) -> dict:
 
     kind = device_kind()
     peak_bw = get_peak_bandwidth(kind)
+    peak_flops = get_peak_flops(kind)
+    peak_flops = None if peak_flops == float("inf") else peak_flops
     w_bytes = weight_bytes(params)
+    num_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     context_mid = prompt_len + args.decode_tokens // 2
     kv_bytes = kv_read_bytes(config, context_mid, engine.cache_dtype)
-    print("=" * 80)
-    print(f"Model: {source} step {step} | depth {config.n_layer}, n_embd {config.n_embd}, heads {config.n_head}, "
+    kv_store = 2 * config.n_layer * config.n_kv_head * config.head_dim * engine.cache_dtype.itemsize
+    flops_tok = decode_flops(config, context_mid)
+    ceiling = None if peak_bw is None else peak_bw / (w_bytes + kv_bytes)
+    print("=" * 100)
+    print(f"Model: {source} step {step} | depth {config.n_layer}, dim {config.n_embd}, heads {config.n_head}, "
           f"kv heads {config.n_kv_head}, vocab {config.vocab_size}, seq {config.sequence_len}")
-    print(f"Device: {kind} x{jax.device_count()} | compute dtype {compute_dtype().name}, cache dtype "
-          f"{engine.cache_dtype.name} | peak bandwidth {'unknown' if peak_bw is None else f'{peak_bw/1e12:.2f} TB/s'}")
-    print(f"Weights {w_bytes/2**20:.1f} MiB | KV read per row per step {kv_bytes/2**10:.1f} KiB at context "
-          f"{context_mid} | prompt {prompt_len}, decode {args.decode_tokens}, chunk {args.decode_chunk}")
-    print("=" * 80)
-    header = f"{'batch':>6} {'prefill tok/s':>14} {'decode tok/s':>13} {'ms/token':>9} {'MBU %':>7}"
+    print(f"Device: {kind} x{jax.device_count()} | peak bandwidth "
+          f"{'unknown' if peak_bw is None else f'{peak_bw/1e12:.2f} TB/s'} | peak compute "
+          f"{'unknown' if peak_flops is None else f'{peak_flops/1e12:.0f} TFLOPS'} | compute dtype "
+          f"{compute_dtype().name}, cache dtype {engine.cache_dtype.name}")
+    print("-" * 100)
+    print(f"Parameters: {num_params:,} | weight bytes as stored: {w_bytes/2**20:.1f} MiB")
+    print(f"KV cache: {kv_store:,} bytes/token stored | {kv_bytes:,} bytes read/step at context {context_mid} "
+          f"(window pattern {config.window_pattern})")
+    print(f"Theoretical decode ceiling at batch 1: {'unknown' if ceiling is None else f'{ceiling:,.0f} tok/s'} | "
+          f"prompt {prompt_len}, decode {args.decode_tokens}, chunk {args.decode_chunk}")
+    print("=" * 100)
+    # the prefill card: batch 1, TTFT ~ prefill, compute-bound, so MFU is its distance from the roofline
+    bench_once(engine, prompt, 1, 2)
+    prefill_s = statistics.median(bench_once(engine, prompt, 1, 2)["prefill_s"] for _ in range(args.repeats))
+    prefill_mfu = None if peak_flops is None else 100 * prefill_flops(config, prompt_len) / prefill_s / peak_flops
+    print(f"Prefill (batch 1, {prompt_len} tokens): {prompt_len / prefill_s:,.0f} tok/s | MFU "
+          f"{'n/a' if prefill_mfu is None else f'{prefill_mfu:.1f}%'}")
+    header = (f"{'batch':>6} {'TTFT ms':>9} {'TPOT ms':>9} {'tok/s':>10} {'MBU %':>7} {'MFU %':>7} "
+              f"{'peak MiB':>9} {'steps':>6}")
     print(header)
     print("-" * len(header))
     sweep = []
     for batch_size in args.batch_sizes:
         bench_once(engine, prompt, batch_size, args.decode_tokens)  # compile prefill and decode for these shapes
         runs = [bench_once(engine, prompt, batch_size, args.decode_tokens) for _ in range(args.repeats)]
-        prefill_s = statistics.median(r["prefill_s"] for r in runs)
+        ttft = statistics.median(r["prefill_s"] for r in runs)
         decode_s = statistics.median(r["decode_s"] for r in runs)
         steps = runs[0]["steps"]
-        ms_per_token = 1e3 * decode_s / steps  # latency of one decode step (one token for every row)
+        tpot = decode_s / steps  # one decode step: one token for every row
         tok_per_sec = batch_size * steps / decode_s
-        mbu = None if peak_bw is None else (w_bytes + batch_size * kv_bytes) / (decode_s / steps) / peak_bw
-        row = {"batch_size": batch_size, "prefill_tok_per_sec": round(prompt_len / prefill_s, 1),
-               "tok_per_sec": round(tok_per_sec, 1), "ms_per_token": round(ms_per_token, 4),
-               "mbu": None if mbu is None else round(mbu, 4)}
+        mbu = None if peak_bw is None else (w_bytes + batch_size * kv_bytes) / tpot / peak_bw
+        mfu = None if peak_flops is None else 100 * batch_size * flops_tok / tpot / peak_flops
+        mem, mem_kind = peak_memory()
+        row = {"batch_size": batch_size, "ttft_sec": round(ttft, 6), "tpot_sec": round(tpot, 6),
+               "tok_per_sec": round(tok_per_sec, 1), "mbu_percent": None if mbu is None else round(100 * mbu, 2),
+               "mfu_percent": None if mfu is None else round(mfu, 4), "peak_memory_bytes": mem,
+               "decode_steps": steps, "prefill_tok_per_sec": round(prompt_len / ttft, 1),
+               "ms_per_token": round(1e3 * tpot, 4), "mbu": None if mbu is None else round(mbu, 4)}
         sweep.append(row)
-        print(f"{batch_size:>6} {row['prefill_tok_per_sec']:>14,.0f} {row['tok_per_sec']:>13,.0f} "
-              f"{ms_per_token:>9.3f} {'-' if mbu is None else f'{100 * mbu:.1f}':>7}")
+        print(f"{batch_size:>6} {1e3 * ttft:>9.1f} {1e3 * tpot:>9.2f} {tok_per_sec:>10,.0f} "
+              f"{'-' if mbu is None else f'{100 * mbu:.1f}':>7} {'-' if mfu is None else f'{mfu:.2f}':>7} "
+              f"{'-' if mem is None else f'{mem / 2**20:,.0f}':>9} {steps:>6}")
     print("-" * len(header))
     payload = {"source": source, "step": step, "model_config": config.to_dict(), "device": kind,
-               "peak_bandwidth_bytes_per_sec": peak_bw, "weight_bytes": w_bytes, "kv_read_bytes_per_row": kv_bytes,
-               "context_mid": context_mid, "prompt_len": prompt_len, "decode_tokens": args.decode_tokens,
-               "decode_chunk": args.decode_chunk, "sweep": sweep}
+               "peak_bandwidth_bytes_per_sec": peak_bw, "peak_flops_per_sec": peak_flops, "num_params": num_params,
+               "weight_bytes": w_bytes, "kv_bytes_per_token": kv_store, "kv_read_bytes_per_row": kv_bytes,
+               "context_mid": context_mid, "decode_flops_per_token": flops_tok,
+               "ceiling_bs1_tok_per_sec": None if ceiling is None else round(ceiling, 1),
+               "peak_memory_kind": peak_memory()[1], "prompt_len": prompt_len, "decode_tokens": args.decode_tokens,
+               "decode_chunk": args.decode_chunk,
+               "prefill": {"tok_per_sec": round(prompt_len / prefill_s, 1), "time_sec": round(prefill_s, 6),
+                           "mfu_percent": None if prefill_mfu is None else round(prefill_mfu, 2)},
+               "sweep": sweep}
     print(json.dumps(payload))
     return payload
 

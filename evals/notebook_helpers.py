@@ -1,7 +1,7 @@
 """Small helpers for `evals/eval.ipynb`: notebook parameters from the environment, TensorBoard scalars, plots, tables.
 
 Kept out of the notebook so its cells stay short, and importable by tests. Nothing here needs TensorFlow: event files
-(written by `jaxchat.train_loop.MetricsWriter` through tensorboardX) are read with tensorboard's `EventAccumulator`.
+(written by `jaxchat.trainer.MetricsWriter` through tensorboardX) are read with tensorboard's `EventAccumulator`.
 """
 
 from __future__ import annotations

@@ -205,4 +205,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from jaxchat.common import run_cli
+
+    run_cli(main)

@@ -24,8 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxchat.common import get_base_dir
+from jaxchat.common import UserError, get_base_dir
 from jaxchat.model import GPTConfig, Params, param_shapes
+
+class MissingCheckpoint(UserError, FileNotFoundError):
+    """No such checkpoint directory, tag or step; the message lists what exists and the command that makes one."""
+
 
 SOURCES = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "mid": "chatsft_checkpoints",
            "rl": "chatrl_checkpoints"}
@@ -49,20 +53,31 @@ def save_checkpoint(ckpt_dir: str, step: int, params: Params, config: GPTConfig,
     Every process must call this (orbax gathers sharded arrays collectively); only process 0 writes JSON.
     Returns the step's directory.
     """
-    meta = dict(meta or {})
+    meta = _json_safe(dict(meta or {}))
     meta["model_config"] = config.to_dict()
     meta["step"] = int(step)
     items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
     if opt_state is not None:
         items["opt_state"] = ocp.args.StandardSave(opt_state)
     if loader_state is not None:
-        items["loader"] = ocp.args.JsonSave(loader_state)
+        items["loader"] = ocp.args.JsonSave(_json_safe(loader_state))
     with _manager(ckpt_dir, create=True, max_to_keep=max_to_keep) as mgr:
         if int(step) in mgr.all_steps():  # a re-run with the same tag replaces that step rather than failing
             mgr.delete(int(step))
         mgr.save(int(step), args=ocp.args.Composite(**items), force=True)
         mgr.wait_until_finished()
     return os.path.join(os.path.abspath(ckpt_dir), str(int(step)))
+
+
+def _json_safe(x):
+    """NaN and +-inf become None (JSON has no such numbers), recursively through dicts and lists."""
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if np.isfinite(x) else None
+    return x
 
 
 def save_model(ckpt_dir: str, step: int, params: Params, config: GPTConfig, meta: dict | None = None) -> str:
@@ -78,16 +93,43 @@ def list_steps(ckpt_dir: str) -> list[int]:
         return sorted(mgr.all_steps())
 
 
+def describe_tags(root: str) -> str:
+    """'tags here: d2 (steps [5, 10]), d4 (steps [])' for a checkpoints root, or 'no tags under <root>'."""
+    tags = sorted(t for t in os.listdir(root) if os.path.isdir(os.path.join(root, t))) if os.path.isdir(root) else []
+    if not tags:
+        return f"no tags under {root}"
+    return "tags here: " + ", ".join(f"{t} (steps {list_steps(os.path.join(root, t))})" for t in tags)
+
+
 def _resolve_step(ckpt_dir: str, step: int | None) -> int:
     steps = list_steps(ckpt_dir)
     if not steps:
-        raise FileNotFoundError(f"no checkpoint in {ckpt_dir} (train one with `python -m train.pretrain`, or "
-                                f"convert a nanochat one with `python -m jaxchat.convert`)")
+        raise MissingCheckpoint(f"no checkpoint in {ckpt_dir} (train one with `python -m train.pretrain`, or convert "
+                                f"a nanochat one with `python -m jaxchat.convert`); "
+                                f"{describe_tags(os.path.dirname(os.path.abspath(ckpt_dir)))}")
     if step is None:
         return steps[-1]
     if step not in steps:
-        raise FileNotFoundError(f"no step {step} in {ckpt_dir}; available steps: {steps}")
+        raise MissingCheckpoint(f"no step {step} in {ckpt_dir}; available steps: {steps}")
     return step
+
+
+def check_same_model(meta: dict, config: GPTConfig, what: str) -> None:
+    """Raise UserError naming the fields where the checkpoint's model_config differs from `config`."""
+    saved, now = meta.get("model_config") or {}, config.to_dict()
+    diff = [f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k)]
+    if diff:
+        raise UserError(f"{what}: the model differs from the flags' ({'; '.join(diff)}); pass the flags of the "
+                        f"original run, or start a new run under another tag")
+
+
+def check_tokenizer(meta: dict, fingerprint: str | None, what: str) -> None:
+    """Raise UserError when the checkpoint was trained with another tokenizer than the current one (both named)."""
+    saved = meta.get("tokenizer_fingerprint")
+    if saved and fingerprint and saved != fingerprint:
+        raise UserError(f"{what} was trained with tokenizer {saved}, but $JAXCHAT_BASE_DIR/tokenizer is {fingerprint}; "
+                        f"restore that tokenizer (or retrain the model with `python -m train.pretrain`)")
 
 
 def load_meta(ckpt_dir: str, step: int | None = None) -> dict:
@@ -150,10 +192,10 @@ def restore_checkpoint(ckpt_dir: str, step: int, abstract_params, abstract_opt_s
 def find_largest_model(checkpoints_dir: str) -> str:
     """Default model tag: the largest `d<N>` tag, else the most recently modified directory (as nanochat)."""
     if not os.path.isdir(checkpoints_dir):
-        raise FileNotFoundError(f"no checkpoints directory {checkpoints_dir}")
+        raise MissingCheckpoint(f"no checkpoints directory {checkpoints_dir}")
     tags = [t for t in os.listdir(checkpoints_dir) if os.path.isdir(os.path.join(checkpoints_dir, t))]
     if not tags:
-        raise FileNotFoundError(f"no model tags in {checkpoints_dir}")
+        raise MissingCheckpoint(f"no model tags in {checkpoints_dir}")
     depths = [(int(m.group(1)), t) for t in tags if (m := re.fullmatch(r"d(\d+)", t))]
     if depths:
         return max(depths)[1]
@@ -171,7 +213,7 @@ def checkpoint_dir(source: str, model_tag: str | None = None) -> str:
         except FileNotFoundError:
             hint = {"base": "python -m train.pretrain", "sft": "python -m train.sft", "mid": "python -m train.sft",
                     "rl": "python -m train.rl"}[source]
-            raise FileNotFoundError(f"no {source} checkpoint under {root}: run `{hint}` first") from None
+            raise MissingCheckpoint(f"no {source} checkpoint under {root}: run `{hint}` first") from None
     return os.path.join(root, model_tag)
 
 
@@ -179,15 +221,19 @@ def load_model_from(source: str = "base", model_tag: str | None = None, step: in
     """Load (params, config, tokenizer, meta) from the standard checkpoint directories (nanochat `load_model`).
 
     Raises:
-        FileNotFoundError: no checkpoint (naming the command that makes one) or no tokenizer.
-        ValueError: the tokenizer's vocab size disagrees with the model's.
+        MissingCheckpoint (a UserError and FileNotFoundError): no checkpoint (listing the tags and steps that
+            exist, and the command that makes one); FileNotFoundError: no tokenizer.
+        UserError: the tokenizer's vocab size or fingerprint disagrees with the checkpoint's.
     """
     from jaxchat.tokenizer import get_tokenizer  # lazy: keeps model-only users free of tokenizer files
 
     config, params, meta = load_model(checkpoint_dir(source, model_tag), step, sharding)
     tokenizer = get_tokenizer()
+    where = f"{source} checkpoint {model_tag or ''} step {meta.get('step')}".replace("  ", " ")
+    check_tokenizer(meta, tokenizer.fingerprint(), where)
     if tokenizer.get_vocab_size() != config.vocab_size:
-        raise ValueError(f"tokenizer vocab size {tokenizer.get_vocab_size()} != model vocab_size {config.vocab_size}")
+        raise UserError(f"{where}: tokenizer vocab size {tokenizer.get_vocab_size()} != model vocab_size "
+                        f"{config.vocab_size}; use the tokenizer the model was trained with")
     return params, config, tokenizer, meta
 
 
@@ -201,6 +247,8 @@ def _nanochat_names(config: GPTConfig) -> dict[str, tuple]:
              "resid_lambdas": ("resid_lambdas",), "x0_lambdas": ("x0_lambdas",),
              "smear_gate.weight": ("smear_gate",), "smear_lambda": ("smear_lambda",),
              "backout_lambda": ("backout_lambda",)}
+    if config.bigram_embed_factor:  # nanochat 412e9a1; without bigrams its bigram_lambdas is a non-persistent buffer
+        names.update({"bigram_embed.weight": ("bigram_embed",), "bigram_lambdas": ("bigram_lambdas",)})
     for i in range(config.n_layer):
         for sub, mats in (("attn", ("c_q", "c_k", "c_v", "c_proj")), ("mlp", ("c_fc", "c_proj"))):
             for m in mats:

@@ -170,6 +170,15 @@ class UserError(Exception):
     one line and exits with status 2; the message names the file, flag or field, and the command that fixes it."""
 
 
+class MissingInputError(UserError, FileNotFoundError):
+    """A `UserError` for a file the user has to create (no tokenizer, no shards): still a `FileNotFoundError`, so
+    callers that catch that keep working."""
+
+
+class BadInputError(UserError, ValueError):
+    """A `UserError` for a file or value the user has to fix (a corrupt or empty shard): still a `ValueError`."""
+
+
 def quiet_library_logs() -> None:
     """Silence the INFO chatter of absl and orbax (dozens of lines at start-up); warnings and errors still show."""
     for name in ("absl", "orbax", "orbax.checkpoint", "jax._src.xla_bridge"):
@@ -191,5 +200,5 @@ def run_cli(main, *args, **kwargs):
     except UserError as e:
         if os.environ.get("JAXCHAT_DEBUG") == "1":
             raise
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr, flush=True)  # one line, whatever it wraps
         sys.exit(2)

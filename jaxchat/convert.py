@@ -5,7 +5,9 @@
 
 A nanochat checkpoint directory holds `model_NNNNNN.pt` (a `torch.save` of the state_dict) and `meta_NNNNNN.json`
 (with `model_config`), as written by nanochat's `checkpoint_manager.save_checkpoint`; the newest step is used unless
-`--step`. Reading or writing `.pt` files needs PyTorch: `pip install -e '.[torch]'`.
+`--step`. Checkpoints of nanochat's bigram branch (412e9a1: `bigram_embed.weight`, `bigram_lambdas`, and
+`bigram_embed_factor` in `model_config`) convert both ways. Reading or writing `.pt` files needs PyTorch:
+`pip install -e '.[torch]'`.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def write_nanochat(dst: str, step: int, params, config: GPTConfig, meta: dict) -
     meta_path = os.path.join(dst, f"meta_{step:06d}.json")
     torch.save(state_dict, model_path)
     meta = dict(meta)
-    meta["model_config"] = config.to_dict()
+    meta["model_config"] = config.to_dict()  # without the bigram fields when off, as nanochat before 412e9a1
     meta["step"] = step
     with open(meta_path, "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)

@@ -35,7 +35,19 @@ from typing import Any
 import grain
 import numpy as np
 
-from jaxchat.dataset import list_row_groups, open_parquet, read_row_group_texts
+from jaxchat.common import BadInputError
+from jaxchat.dataset import REBUILD_HINT, list_row_groups, open_parquet, read_row_group_texts
+
+
+def _name_shards(paths) -> str:
+    """The distinct shard paths, in order, the first few by name and the rest as a count."""
+    paths = list(dict.fromkeys(paths))
+    shown = ", ".join(paths[:3])
+    return shown + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+
+
+def _no_documents_error(split: str, paths, why: str) -> BadInputError:
+    return BadInputError(f"no documents to read in the {split} split ({why}): {_name_shards(paths)}; {REBUILD_HINT}")
 
 
 def _read_and_tokenize(tokenizer, bos: int, tokenizer_threads: int):
@@ -57,12 +69,14 @@ class BestFitPackIterDataset(grain.IterDataset):
     """
 
     def __init__(self, groups: grain.MapDataset, parent: grain.IterDataset, batch_size: int, seq_len: int,
-                 buffer_size: int, tokenizer_batch_size: int, num_groups: int):
+                 buffer_size: int, tokenizer_batch_size: int, num_groups: int, split: str = "train",
+                 paths: tuple[str, ...] = ()):
         super().__init__(parent)
         self._groups = groups
         self._batch_size, self._seq_len = batch_size, seq_len
         self._buffer_size, self._tokenizer_batch_size = buffer_size, tokenizer_batch_size
         self._num_groups = num_groups
+        self._split, self._paths = split, paths  # for the error when a whole pass holds no document
 
     def __iter__(self) -> "BestFitPackIterator":
         return BestFitPackIterator(self)
@@ -94,6 +108,7 @@ class BestFitPackIterator(grain.DatasetIterator):
         self._next_seq = 0
         self._pending: list[tuple[np.ndarray, int, int]] = []  # read but not yet buffered, in order
         self._exhausted = False
+        self._empty_run = 0  # row groups read in a row that held no document
 
     def _add(self, tokens: np.ndarray, stream_idx: int, doc_idx: int):
         seq = self._next_seq
@@ -102,7 +117,10 @@ class BestFitPackIterator(grain.DatasetIterator):
         bisect.insort(self._keys, (len(tokens), -seq))
 
     def _refill(self) -> bool:
-        """Move up to `tokenizer_batch_size` documents into the buffer (nanochat's refill granularity)."""
+        """Move up to `tokenizer_batch_size` documents into the buffer (nanochat's refill granularity).
+
+        Raises BadInputError when a whole pass over the row groups brought no document (every text empty):
+        the repeating stream would otherwise be read forever."""
         while not self._pending:
             try:
                 stream_idx, docs = next(self._parent)
@@ -111,6 +129,9 @@ class BestFitPackIterator(grain.DatasetIterator):
                 return False
             self.epoch = stream_idx // self._ds._num_groups + 1
             self._pending = [(t, stream_idx, i) for i, t in enumerate(docs)]
+            self._empty_run = 0 if docs else self._empty_run + 1
+            if self._empty_run >= self._ds._num_groups:
+                raise _no_documents_error(self._ds._split, self._ds._paths, "every document is an empty string")
         take = self._pending[:self._ds._tokenizer_batch_size]
         del self._pending[:self._ds._tokenizer_batch_size]
         for t, s, i in take:
@@ -209,8 +230,11 @@ def make_pretrain_loader(tokenizer, batch_size: int, seq_len: int, split: str, p
     by crops since construction; not part of the state).
 
     Raises:
-        FileNotFoundError: no shards (names the command that creates them). ValueError: bad split or
-            sizes, corrupt shard, or fewer row groups in the split than processes.
+        MissingInputError (a FileNotFoundError): no shards (names the command that creates them).
+        ValueError: bad split or sizes. BadInputError (a ValueError, a UserError; names the shards and the
+            command that rebuilds them): a corrupt shard (also later, from `next`, for a corrupt row group),
+            fewer row groups in the split than processes, or no document in this process's share of the split
+            (0 rows: at once; only empty strings: from `next`, after one pass over the row groups).
     """
     if batch_size < 1 or seq_len < 1 or buffer_size < 1 or tokenizer_batch_size < 1:
         raise ValueError(f"batch_size, seq_len, buffer_size, tokenizer_batch_size must be >= 1, got "
@@ -221,11 +245,15 @@ def make_pretrain_loader(tokenizer, batch_size: int, seq_len: int, split: str, p
         process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
-    all_groups = list_row_groups(split, data_dir)
-    groups = all_groups[process_index::process_count]
-    if not groups:
-        raise ValueError(f"the {split} split has {len(all_groups)} row groups, fewer than the {process_count} "
-                         f"processes: write shards with smaller row groups (--row-group-docs) or more data")
+    all_groups = list_row_groups(split, data_dir, with_rows=True)
+    mine = all_groups[process_index::process_count]
+    if not mine:
+        raise BadInputError(f"the {split} split has {len(all_groups)} row groups, fewer than the {process_count} "
+                            f"processes: rebuild the shards with smaller row groups (`python -m jaxchat.dataset "
+                            f"... --row-group-docs N --force`) or more data")
+    if not any(rows for _, _, rows in mine):  # the metadata says so: fail before reading anything
+        raise _no_documents_error(split, [p for p, _, _ in mine], "0 rows")
+    groups = [(path, rg) for path, rg, _ in mine]
 
     ds = grain.MapDataset.source(groups)
     if infinite:
@@ -233,7 +261,7 @@ def make_pretrain_loader(tokenizer, batch_size: int, seq_len: int, split: str, p
     ds = ds.map_with_index(_read_and_tokenize(tokenizer, tokenizer.get_bos_token_id(), tokenizer_threads))
     read = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_row_groups))
     it = BestFitPackIterDataset(ds, read, batch_size, seq_len, buffer_size, tokenizer_batch_size,
-                                len(groups)).__iter__()
+                                len(groups), split, tuple(p for p, _ in groups)).__iter__()
     if state is not None:
         it.set_state(state)
     return it

@@ -28,7 +28,7 @@ from typing import Iterable, Iterator, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jaxchat.common import get_base_dir
+from jaxchat.common import BadInputError, MissingInputError, get_base_dir, run_cli
 
 # ClimbMix-400B, repackaged and shuffled by Karpathy (facts from nanochat/dataset.py).
 BASE_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
@@ -39,6 +39,9 @@ URL_ENV = "JAXCHAT_DATA_URL"
 CREATE_HINT = ("create shards with `python -m jaxchat.dataset --corpus local` (offline English corpus), "
                "`python -m jaxchat.dataset -n N` (download N ClimbMix shards) or "
                "`python -m jaxchat.dataset --from-text PATH...`")
+REBUILD_HINT = ("rebuild the shards with `python -m jaxchat.dataset --corpus local --force` (or `--from-text PATH... "
+                "--force`), or for ClimbMix delete the file and rerun `python -m jaxchat.dataset -n N`, which "
+                "downloads the shards that are missing")
 
 
 def index_to_filename(index: int) -> str:
@@ -66,7 +69,7 @@ def list_parquet_files(data_dir: str | None = None) -> list[str]:
     data_dir = get_data_dir() if data_dir is None else data_dir
     names = sorted(f for f in os.listdir(data_dir) if f.endswith(".parquet")) if os.path.isdir(data_dir) else []
     if not names:
-        raise FileNotFoundError(f"no pretraining shards (*.parquet) in {data_dir}: {CREATE_HINT}")
+        raise MissingInputError(f"no pretraining shards (*.parquet) in {data_dir}: {CREATE_HINT}")
     return [os.path.join(data_dir, f) for f in names]
 
 
@@ -81,24 +84,30 @@ def split_parquet_files(split: str, data_dir: str | None = None) -> list[str]:
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     paths = list_parquet_files(data_dir)
     if len(paths) < 2:
-        raise ValueError(f"need at least 2 shards in {os.path.dirname(paths[0])} (the last one is val), "
+        raise BadInputError(f"need at least 2 shards in {os.path.dirname(paths[0])} (the last one is val), "
                          f"found {len(paths)}: {CREATE_HINT}")
     return paths[:-1] if split == "train" else paths[-1:]
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())  # pyarrow's messages span lines; a user error is one
 
 
 def open_parquet(path: str) -> pq.ParquetFile:
     """Open a shard and check it has a `text` column.
 
     Raises:
-        ValueError: the file is not readable parquet or has no `text` column (the message names the file).
+        BadInputError (a ValueError): the file is not readable parquet or has no `text` column (the message names
+            the file and how to rebuild it).
     """
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
-        raise ValueError(f"{path}: not a readable parquet file ({e})") from e
+        raise BadInputError(f"{path}: not a readable parquet file, the shard is corrupt ({_one_line(e)}); "
+                            f"{REBUILD_HINT}") from e
     if "text" not in pf.schema_arrow.names:
-        raise ValueError(f"{path}: no 'text' column (columns: {pf.schema_arrow.names}); "
-                         f"pretraining shards need a string column named 'text'")
+        raise BadInputError(f"{path}: no 'text' column (columns: {pf.schema_arrow.names}); pretraining shards "
+                            f"need a string column named 'text': {REBUILD_HINT}")
     return pf
 
 
@@ -121,22 +130,29 @@ def read_row_group_texts(pf: pq.ParquetFile | str, rg_idx: int, path: str | None
     `pf` is an open file or a path; `path` names the file in error messages when `pf` is open.
 
     Raises:
-        ValueError: the file is corrupt or has no `text` column (the message names the file).
+        BadInputError (a ValueError): the file is corrupt or has no `text` column (the message names the file and
+            how to rebuild it).
     """
     if isinstance(pf, str):
         path, pf = pf, open_parquet(pf)
     try:
         table = pf.read_row_group(rg_idx, columns=["text"])
     except (pa.ArrowException, OSError) as e:
-        raise ValueError(f"{path or 'parquet file'}: row group {rg_idx} is corrupt ({e})") from e
+        raise BadInputError(f"{path or 'parquet file'}: row group {rg_idx} is corrupt ({_one_line(e)}); "
+                            f"{REBUILD_HINT}") from e
     return _column_to_texts(table.column("text"))
 
 
-def list_row_groups(split: str, data_dir: str | None = None) -> list[tuple[str, int]]:
-    """Every (shard path, row group index) of `split`, in reading order (files by name, then row groups)."""
+def list_row_groups(split: str, data_dir: str | None = None, with_rows: bool = False) -> list[tuple]:
+    """Every (shard path, row group index) of `split`, in reading order (files by name, then row groups).
+
+    With `with_rows`, (shard path, row group index, number of rows) from the files' metadata (no data read).
+    """
     out = []
     for path in split_parquet_files(split, data_dir):
-        out.extend((path, i) for i in range(open_parquet(path).num_row_groups))
+        meta = open_parquet(path).metadata
+        out.extend((path, i, meta.row_group(i).num_rows) if with_rows else (path, i)
+                   for i in range(meta.num_row_groups))
     return out
 
 
@@ -304,7 +320,7 @@ def _prepare_output_dir(data_dir: str, force: bool) -> None:
     if os.path.isdir(data_dir):
         old = [f for f in os.listdir(data_dir) if f.endswith(".parquet")]
         if old and not force:
-            raise SystemExit(f"error: {data_dir} already holds {len(old)} shards; pass --force to replace them "
+            raise BadInputError(f"{data_dir} already holds {len(old)} shards; pass --force to replace them "
                              f"or --data-dir to write elsewhere")
         for f in old:
             os.remove(os.path.join(data_dir, f))
@@ -348,13 +364,18 @@ def main(argv: Iterable[str] | None = None) -> None:
 
     _prepare_output_dir(data_dir, args.force)
     t0 = time.time()
-    if args.corpus == "local":
-        docs, sources = corpus.build_local_corpus(max_mb=args.max_mb, seed=args.seed)
-    else:
-        docs, sources = corpus.docs_from_text_paths(args.from_text, doc_per_file=args.doc_per_file,
-                                                    max_mb=args.max_mb, seed=args.seed)
-    paths = write_shards(docs, data_dir, shard_chars=int(args.shard_mb * 1e6), row_group_docs=args.row_group_docs,
-                         metadata={"sources": sources, "seed": args.seed})
+    try:  # the corpus builders' errors name the flag or path and what to do: one line for the user
+        if args.corpus == "local":
+            docs, sources = corpus.build_local_corpus(max_mb=args.max_mb, seed=args.seed)
+        else:
+            docs, sources = corpus.docs_from_text_paths(args.from_text, doc_per_file=args.doc_per_file,
+                                                        max_mb=args.max_mb, seed=args.seed)
+        paths = write_shards(docs, data_dir, shard_chars=int(args.shard_mb * 1e6),
+                             row_group_docs=args.row_group_docs, metadata={"sources": sources, "seed": args.seed})
+    except FileNotFoundError as e:
+        raise MissingInputError(str(e)) from e
+    except (ValueError, RuntimeError) as e:
+        raise BadInputError(str(e)) from e
     chars = sum(len(d) for d in docs)
     print(json.dumps({"data_dir": data_dir, "shards": len(paths), "train_shards": len(paths) - 1,
                       "documents": len(docs), "chars": chars,
@@ -363,4 +384,4 @@ def main(argv: Iterable[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -22,6 +22,9 @@ Without a tokenizer the engine is a pure token decoder: no stop tokens, no tool 
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
 from collections import deque
 from functools import partial
 from typing import Callable, Iterator
@@ -127,7 +130,8 @@ def _prefill(params, idx, valid_len, *, config, forward_fn, num_rows, max_len, c
 
 
 def swap_matrices(params):
-    """Transpose every 2-D leaf except the embedding tables (wte, value_embeds): the layout the decode loop reads.
+    """Transpose every 2-D leaf except the embedding tables (wte, value_embeds, bigram_embed): the layout the decode
+    loop reads.
 
     Its own inverse. At one token per row a matmul against an (out, in) weight is ~2x slower on CPU than against
     the same weight stored (in, out), so the engine keeps a swapped copy there and swaps back inside the loop body,
@@ -135,7 +139,7 @@ def swap_matrices(params):
     """
     def swap(path, x):
         keys = {getattr(k, "key", None) for k in path}
-        return x.T if x.ndim == 2 and not keys & {"wte", "value_embeds"} else x
+        return x.T if x.ndim == 2 and not keys & {"wte", "value_embeds", "bigram_embed"} else x
     return jax.tree_util.tree_map_with_path(swap, params)
 
 
@@ -223,7 +227,7 @@ class Engine:
             raise ValueError(f"decode_chunk must be >= 1, got {decode_chunk}")
         self.params = params
         # The decode loop's copy of the weights, (in, out) on CPU (see swap_matrices); accelerators read them as is.
-        leaf = jax.tree.leaves(params)[0]
+        leaf = next(iter(jax.tree.leaves(params)), None)  # scripted test models may have no params
         self.swapped = backend.decode_weights_swapped(
             backend.platform_of(leaf) if isinstance(leaf, jax.Array) else backend.platform())
         self.decode_params = swap_matrices(params) if self.swapped else params
@@ -421,3 +425,399 @@ class Engine:
             ids.extend(toks[0].tolist())
             logits.extend(np.asarray(logit_buf[0]))
         return ids, np.stack(logits)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Continuous batching: B slots in one KV cache, requests join and leave the running decode loop at chunk boundaries.
+
+MAX_TOP_K = 200  # slots sample top-k / top-p among at most this many candidates (the server's top_k limit)
+
+
+def _batch_axis(name: str) -> int:
+    """The batch axis of a KV-cache entry (contract 4): 'k' and 'v' are (n_layer, B, T, ...), every other key has
+    its batch axis first."""
+    return 1 if name in ("k", "v") else 0
+
+
+def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                top_p: jax.Array) -> jax.Array:
+    """Sample one token per row with per-row settings (the batched counterpart of `sample_next_token`).
+
+    Args:
+        logits: float32 (B, V).
+        keys: uint32 (B, 2), one `jax.random` key per row.
+        temperature: float32 (B,); 0 means greedy (argmax, first index on ties).
+        top_k: int32 (B,); > 0 keeps only the k most likely tokens (at most MAX_TOP_K), 0 keeps all.
+        top_p: float32 (B,) in (0, 1]; < 1 keeps the smallest set of most likely tokens whose probability reaches
+            top_p (nucleus sampling, Holtzman et al. 2019), taken among the MAX_TOP_K most likely.
+    Returns:
+        int32 (B,) token ids.
+    """
+    V = logits.shape[-1]
+    best = jnp.max(logits, axis=-1, keepdims=True)
+    ids = jnp.arange(V, dtype=jnp.int32)
+    greedy = jnp.min(jnp.where(logits == best, ids, V - 1), axis=-1)
+
+    def sample(_):
+        scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+        kmax = min(MAX_TOP_K, V)
+        vals, idx = jax.lax.top_k(scaled, kmax)  # sorted, largest first
+        rank = jnp.arange(kmax)[None, :]
+        keep = rank < jnp.where(top_k > 0, jnp.minimum(top_k, kmax), kmax)[:, None]
+        probs = jax.nn.softmax(jnp.where(keep, vals, -jnp.inf), axis=-1)
+        keep &= (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]  # the most likely one always stays
+        draw = jax.vmap(lambda k, l: jax.random.categorical(k, l))
+        choice = draw(keys, jnp.where(keep, vals, -jnp.inf))
+        from_candidates = jnp.take_along_axis(idx, choice[:, None], axis=1)[:, 0]
+        from_all = draw(keys, scaled)
+        return jnp.where((top_k > 0) | (top_p < 1.0), from_candidates, from_all).astype(jnp.int32)
+
+    sampled = jax.lax.cond(jnp.any(temperature > 0), sample, lambda _: greedy, None)
+    return jnp.where(temperature > 0, sampled, greedy)
+
+
+@partial(jax.jit, static_argnames=("config", "forward_fn", "cache_dtype"), donate_argnames=("cache", "logits"))
+def _prefill_slot(params, cache, logits, idx, valid_len, slot, *, config, forward_fn, cache_dtype):
+    """Prefill a right-padded prompt idx (1, Tb) and write its cache and next-token logits into row `slot` of the
+    B-slot cache and logits (B, V). Every cache key is written along its own batch axis (`_batch_axis`); shorter
+    axes (the sequence) are zero-padded to the slot cache's length."""
+    small = gpt.init_kv_cache(config, 1, idx.shape[1], cache_dtype)
+    out, small = forward_fn(params, config, idx, kv_cache=small, valid_len=valid_len)
+    last = jax.lax.dynamic_index_in_dim(out[0], valid_len[0] - 1, axis=0, keepdims=True)  # (1, V)
+
+    def insert(name, big):
+        axis = _batch_axis(name)
+        row = small[name].astype(big.dtype)
+        row = jnp.pad(row, [(0, 0 if a == axis else t - s) for a, (s, t) in enumerate(zip(row.shape, big.shape))])
+        start = [jnp.int32(0)] * big.ndim
+        start[axis] = slot
+        return jax.lax.dynamic_update_slice(big, row, start)
+
+    cache = {name: insert(name, big) for name, big in cache.items()}
+    return cache, jax.lax.dynamic_update_slice(logits, last.astype(logits.dtype), (slot, 0))
+
+
+@partial(jax.jit, static_argnames=("config", "forward_fn", "chunk", "swapped", "attend_len"),
+         donate_argnames=("state",))
+def _slot_decode_chunk(decode_params, state, keys, temperature, top_k, top_p, stop_ids, python_end, *, config,
+                       forward_fn, chunk, swapped, attend_len):
+    """Up to `chunk` decode steps for every live slot of the B-slot state.
+
+    state: {'cache', 'logits' (B, V), 'done' (B,) bool (free slots are done), 'step' (B,) tokens each slot has
+    emitted (folded into its key), 'budget' (B,) tokens it may still emit, 'forced' (B, F), 'forced_len' /
+    'forced_ptr' (B,), 'pending' (B,)}. A slot stops at a stop token or when its budget runs out; a slot that is not
+    live keeps every non-k/v cache entry (its 'pos' included) as it was, so it never walks past its cache row.
+    The loop halts early as `_decode_chunk` does (all done, python_end from a live slot, a pending slot drained).
+    Returns (state, tokens (B, chunk), masks (B, chunk) 1 = sampled, live (B, chunk) 1 = emitted by the slot).
+    """
+    B = state["logits"].shape[0]
+    bufs = tuple(jnp.zeros((B, chunk), jnp.int32) for _ in range(3))
+
+    def cond(carry):
+        state, i, _, halt = carry
+        return (i < chunk) & ~halt & ~jnp.all(state["done"])
+
+    def body(carry):
+        state, i, (toks, masks, lives), _ = carry
+        step_keys = jax.vmap(jax.random.fold_in)(keys, state["step"])
+        sampled = sample_rows(state["logits"], step_keys, temperature, top_k, top_p)
+        ptr = state["forced_ptr"]
+        has_forced = ptr < state["forced_len"]
+        forced_tok = jnp.take_along_axis(state["forced"], jnp.minimum(ptr, state["forced"].shape[1] - 1)[:, None],
+                                         axis=1)[:, 0]
+        live = ~state["done"]
+        tok = jnp.where(has_forced, forced_tok, sampled)
+        has_forced &= live
+        ptr = ptr + has_forced
+        budget = state["budget"] - live
+        done = state["done"] | jnp.any(tok[:, None] == stop_ids[None, :], axis=-1) | (budget <= 0)
+        drained = state["pending"] & has_forced & (ptr >= state["forced_len"])
+        halt = jnp.any(live & (tok == python_end)) | jnp.any(drained)
+        toks = jax.lax.dynamic_update_slice(toks, tok[:, None], (0, i))
+        masks = jax.lax.dynamic_update_slice(masks, (~has_forced).astype(jnp.int32)[:, None], (0, i))
+        lives = jax.lax.dynamic_update_slice(lives, live.astype(jnp.int32)[:, None], (0, i))
+        params = swap_matrices(decode_params) if swapped else decode_params
+        extra = {} if attend_len is None else {"attend_len": attend_len}
+        logits, cache = forward_fn(params, config, tok[:, None], kv_cache=state["cache"], **extra)
+
+        def keep_if_idle(name, new):
+            if name in ("k", "v"):
+                return new
+            old = state["cache"][name]
+            mask = live.reshape((B,) + (1,) * (new.ndim - 1))
+            return jnp.where(mask, new, old)
+
+        cache = {name: keep_if_idle(name, x) for name, x in cache.items()}
+        logits = jnp.where(live[:, None], logits[:, 0], state["logits"])
+        state = dict(state, cache=cache, logits=logits, done=done, step=state["step"] + live, budget=budget,
+                     forced_ptr=ptr)
+        return state, i + 1, (toks, masks, lives), halt
+
+    state, _, (toks, masks, lives), _ = jax.lax.while_loop(cond, body, (state, jnp.int32(0), bufs, jnp.bool_(False)))
+    return state, toks, masks, lives
+
+
+class Request:
+    """One generation in a `BatchEngine`: iterate it for the emitted token ids (forced tool tokens included, the
+    stop token last when it stopped on one); `finish_reason` is then 'stop' or 'length'. `cancel()` frees its slot
+    at the next chunk boundary (or drops it from the queue)."""
+
+    def __init__(self, tokens, max_tokens, temperature, top_k, top_p, seed, sample_index):
+        self.tokens, self.max_tokens = list(tokens), max_tokens
+        self.temperature, self.top_k, self.top_p = float(temperature), int(top_k or 0), float(top_p)
+        self.seed, self.sample_index = seed, sample_index
+        self.finish_reason: str | None = None
+        self.cancelled = False
+        self._out: queue.Queue = queue.Queue()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        """Yields (token, mask) pairs until the request ends; re-raises an engine failure."""
+        while True:
+            item = self._out.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield from item
+
+
+class BatchEngine:
+    """Continuous batching over one `Engine` (the scheme of JetStream and vLLM, simply): `max_batch` slots share one
+    KV cache of `max_len` positions; a scheduler thread prefills each new request into a free slot between decode
+    chunks, so it joins the running loop at the next chunk boundary, and frees a slot as soon as its request
+    finishes, stops or is cancelled. Temperature, top-k, top-p, max_tokens, seed and calculator tool use are per slot.
+
+    Shapes are static: B slots, prompt buckets (`bucket`), attend buckets over the fixed cache (`attend_bucket`), so
+    after `warmup()` no request compiles. A slot's greedy output does not depend on the other slots (rows never mix).
+
+    Args:
+        engine: the `Engine` whose params, tokenizer, forward and decode settings are used.
+        max_batch: slots B.
+        max_len: positions per slot (default `cache_bucket(config.sequence_len)`); a request's prompt plus
+            max_tokens is cut to fit.
+        device: the jax.Device the scheduler thread makes default (where the engine's params live).
+    """
+
+    def __init__(self, engine: Engine, max_batch: int, max_len: int | None = None, device=None):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.engine, self.B, self.device = engine, max_batch, device
+        self.params, self.tokenizer = engine.params, engine.tokenizer
+        self.max_len = max_len or cache_bucket(engine.config.sequence_len)
+        self._incoming: queue.Queue[Request] = queue.Queue()
+        self._slots: list[Request | None] = [None] * max_batch
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.tokens_emitted = 0
+        self._state = None
+
+    # ------------------------------------------------------------------------------------------------------------
+    @property
+    def busy_slots(self) -> int:
+        return sum(r is not None for r in self._slots)
+
+    @property
+    def queued(self) -> int:
+        return self._incoming.qsize()
+
+    def submit(self, tokens: list[int], max_tokens: int | None = None, temperature: float = 1.0,
+               top_k: int | None = None, top_p: float = 1.0, seed: int = 42, sample_index: int = 0) -> Request:
+        """Queue one generation; returns its `Request` at once. Raises TypeError / ValueError for bad arguments."""
+        self.engine._check(tokens, 1, max_tokens, temperature)
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if len(tokens) >= self.max_len:
+            raise ValueError(f"prompt of {len(tokens)} tokens leaves no room in the {self.max_len}-position cache")
+        room = self.max_len - len(tokens)
+        req = Request(tokens, room if max_tokens is None else min(max_tokens, room), temperature, top_k, top_p, seed,
+                      sample_index)
+        self._incoming.put(req)
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="batch-engine", daemon=True)
+                self._thread.start()
+        return req
+
+    def generate(self, tokens: list[int], num_samples: int = 1, max_tokens: int | None = None,
+                 temperature: float = 1.0, top_k: int | None = None, seed: int = 42,
+                 top_p: float = 1.0) -> Iterator[tuple[list, list]]:
+        """`Engine.generate`'s contract over slots: yields (token_column, mask_column) of num_samples ints per step;
+        each sample is its own slot (sample i's key is folded with i). Rows that ended repeat their last token
+        until every row has. Closing the generator cancels the samples."""
+        reqs = [self.submit(tokens, max_tokens, temperature, top_k, top_p, seed, i) for i in range(num_samples)]
+        streams = [iter(r) for r in reqs]
+        last = [(self.engine.assistant_end, 1)] * num_samples
+        try:
+            while True:
+                column, alive = [], False
+                for i, s in enumerate(streams):
+                    if s is not None:
+                        try:
+                            last[i] = next(s)
+                            alive = True
+                        except StopIteration:
+                            streams[i] = None
+                    column.append(last[i])
+                if not alive:
+                    return
+                yield [t for t, _ in column], [m for _, m in column]
+        finally:
+            for r in reqs:
+                r.cancel()
+
+    def warmup(self) -> None:
+        """Compile every prompt bucket and attend bucket this engine can meet, so no request compiles later."""
+        self._ensure_state()
+        n = MIN_PROMPT_BUCKET
+        while True:
+            tb = min(bucket(n, MIN_PROMPT_BUCKET), self.max_len)
+            self._prefill(0, [0] * min(n, self.max_len - 1), tb)
+            if tb >= self.max_len or bucket(n, MIN_PROMPT_BUCKET) >= self.engine.config.sequence_len:
+                break
+            n = tb * 2
+        self._state["done"] = jnp.ones((self.B,), bool)
+        seen = set()
+        for hold in range(0, self.max_len + 1, MIN_CACHE_BUCKET // 2):
+            attend = self._attend(hold)
+            if attend not in seen:
+                seen.add(attend)
+                self._dispatch(attend)
+        jax.block_until_ready(self._state["logits"])
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _ensure_state(self):
+        if self._state is not None:
+            return
+        e, B, F = self.engine, self.B, FORCED_SLOTS
+        self._state = {"cache": gpt.init_kv_cache(e.config, B, self.max_len, e.cache_dtype),
+                       "logits": jnp.zeros((B, e.config.vocab_size), jnp.float32), "done": jnp.ones((B,), bool),
+                       "step": jnp.zeros((B,), jnp.int32), "budget": jnp.zeros((B,), jnp.int32),
+                       "forced": jnp.zeros((B, F), jnp.int32), "forced_len": jnp.zeros((B,), jnp.int32),
+                       "forced_ptr": jnp.zeros((B,), jnp.int32), "pending": jnp.zeros((B,), bool)}
+        self._keys = np.zeros((B, 2), np.uint32)
+        self._temp = np.zeros((B,), np.float32)
+        self._top_k = np.zeros((B,), np.int32)
+        self._top_p = np.ones((B,), np.float32)
+        self._pos = np.zeros((B,), np.int64)  # positions each slot holds (host mirror, for the attend bucket)
+        self._tools = [_RowTool() for _ in range(B)]
+        self._stop_ids = jnp.asarray(e.stop_ids, jnp.int32)
+
+    def _prefill(self, slot: int, tokens: list[int], tb: int | None = None):
+        e = self.engine
+        L = len(tokens)
+        tb = tb or min(bucket(L, MIN_PROMPT_BUCKET), self.max_len)
+        idx = np.zeros((1, tb), np.int32)
+        idx[0, :L] = tokens
+        s = self._state
+        s["cache"], s["logits"] = _prefill_slot(
+            e.params, s["cache"], s["logits"], jnp.asarray(idx), jnp.asarray([max(L, 1)], jnp.int32),
+            jnp.int32(slot), config=e.config, forward_fn=e.forward_fn, cache_dtype=e.cache_dtype)
+
+    def _attend(self, hold: int) -> int | None:
+        if self.engine.forward_fn is not gpt.forward:
+            return None
+        return attend_bucket(min(hold + self.engine.decode_chunk, self.max_len), self.max_len)
+
+    def _dispatch(self, attend):
+        e = self.engine
+        self._state, toks, masks, lives = _slot_decode_chunk(
+            e.decode_params, self._state, jnp.asarray(self._keys), jnp.asarray(self._temp), jnp.asarray(self._top_k),
+            jnp.asarray(self._top_p), self._stop_ids, jnp.int32(e.python_end), config=e.config,
+            forward_fn=e.forward_fn, chunk=e.decode_chunk, swapped=e.swapped, attend_len=attend)
+        return toks, masks, lives
+
+    def _finish(self, slot: int, reason: str | None) -> None:
+        req = self._slots[slot]
+        self._slots[slot] = None
+        if req is not None:
+            req.finish_reason = reason
+            req._out.put(None)
+
+    def _admit(self, req: Request, host: dict) -> None:
+        """Prefill req into a free slot and reset that slot's per-request state (host copies in `host`)."""
+        slot = self._slots.index(None)
+        self._prefill(slot, req.tokens)
+        key = jax.random.fold_in(jax.random.PRNGKey(req.seed), req.sample_index)
+        self._keys[slot] = np.asarray(jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+                                      else key)
+        self._temp[slot], self._top_k[slot], self._top_p[slot] = req.temperature, req.top_k, req.top_p
+        self._pos[slot] = len(req.tokens)
+        self._tools[slot] = _RowTool()
+        host["done"][slot], host["step"][slot], host["budget"][slot] = False, 0, req.max_tokens
+        host["forced_len"][slot] = host["forced_ptr"][slot] = 0
+        host["pending"][slot] = False
+        self._slots[slot] = req
+
+    def _run(self) -> None:
+        ctx = jax.default_device(self.device) if self.device is not None else contextlib.nullcontext()
+        with ctx:
+            try:
+                self._loop()
+            except BaseException as e:  # a device failure ends every request with the error, not a hang
+                for slot, req in enumerate(self._slots):
+                    if req is not None:
+                        req._out.put(e)
+                        self._slots[slot] = None
+                while not self._incoming.empty():
+                    self._incoming.get()._out.put(e)
+                with self._lock:
+                    self._thread = None
+                raise
+
+    def _loop(self) -> None:
+        self._ensure_state()
+        names = ("done", "step", "budget", "forced", "forced_len", "forced_ptr", "pending")
+        while True:
+            s = self._state
+            host = {k: np.array(v) for k, v in jax.device_get({k: s[k] for k in names}).items()}
+            for slot, req in enumerate(self._slots):  # cancelled requests leave at once
+                if req is not None and req.cancelled:
+                    self._finish(slot, None)
+                    host["done"][slot] = True
+            while None in self._slots:
+                try:
+                    req = self._incoming.get(block=all(r is None for r in self._slots), timeout=None)
+                except queue.Empty:
+                    break
+                if req.cancelled:
+                    req._out.put(None)
+                    continue
+                if req.max_tokens == 0:
+                    req.finish_reason = "length"
+                    req._out.put(None)
+                    continue
+                self._admit(req, host)
+            s = self._state
+            for k in names:
+                s[k] = jnp.asarray(host[k])
+            active = [b for b, r in enumerate(self._slots) if r is not None]
+            toks, masks, lives = self._dispatch(self._attend(int(max(self._pos[b] for b in active))))
+            toks, masks, lives, done, ptr = jax.device_get((toks, masks, lives, self._state["done"],
+                                                            self._state["forced_ptr"]))
+            ptr = np.array(ptr)
+            emitted = 0
+            rows_toks = []
+            for b in range(self.B):
+                n = int(lives[b].sum())
+                rows_toks.append(toks[b, :n])
+                req = self._slots[b]
+                if req is None or n == 0:
+                    continue
+                emitted += n
+                self._pos[b] += n
+                req._out.put(list(zip(toks[b, :n].tolist(), masks[b, :n].tolist())))
+            self.tokens_emitted += emitted
+            if self.tokenizer is not None:
+                host = {k: np.array(v) for k, v in jax.device_get({k: self._state[k] for k in names}).items()}
+                host["forced_ptr"] = ptr
+                if self.engine._run_tools(self._tools, rows_toks, host["forced"], host["forced_len"], ptr):
+                    host["pending"] = np.array([len(t.pending) > 0 for t in self._tools])
+                    for k in ("forced", "forced_len", "forced_ptr", "pending"):
+                        self._state[k] = jnp.asarray(host[k])
+            for b, req in enumerate(self._slots):
+                if req is not None and done[b]:
+                    last = rows_toks[b][-1] if len(rows_toks[b]) else None
+                    self._finish(b, "stop" if last is not None and int(last) in self.engine.stop_ids else "length")

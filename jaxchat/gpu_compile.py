@@ -171,42 +171,32 @@ def _abstract(tree, shardings):
 
 def build_pretrain_step(config, mesh, device_batch_size: int, *, grad_accum_steps: int = 1, fp8: bool = False,
                         remat: str = "none", learning_rates: dict | None = None, weight_decay: float = 0.0,
-                        muon_dtype: str = "bfloat16", loss_fn: Callable | None = None, with_optimizer: bool = False):
-    """The jitted pretraining (and SFT: the same step, other data) train step and its abstract arguments.
-
-    What train.pretrain builds (jaxchat.train_loop.jit_train_step: ZeRO-1 optimizer state, the Muon stacks split
-    over devices), with ShapeDtypeStructs carrying NamedShardings instead of arrays: nothing is allocated.
+                        muon_dtype: str = "bfloat16", weighted: bool = False, muon_eq: str = "row",
+                        muon_plus: bool = True, with_optimizer: bool = False):
+    """The jitted train step of train.pretrain (and train.sft: the same step; train.rl: weighted=True) and its
+    abstract arguments, from `jaxchat.trainer.build_step` (ZeRO-1 optimizer state, the Muon stacks split over
+    devices) with ShapeDtypeStructs carrying NamedShardings: nothing is allocated.
 
     Args:
-        config: GPTConfig. mesh: a ('data', 'fsdp') mesh (`topology_mesh` or `jaxchat.sharding.make_mesh`).
-        device_batch_size: rows per device per micro-step; grad_accum_steps: micro-steps per step.
-        fp8, remat: passed to `jaxchat.model.loss_fn`. learning_rates: make_optimizer's *_lr keywords.
+        config: GPTConfig (its sequence_len is the rows' length). mesh: a ('data', 'fsdp') mesh (`topology_mesh`
+            or `jaxchat.sharding.make_mesh`). device_batch_size: rows per device per micro-step;
+            grad_accum_steps: micro-steps per step. fp8, remat: passed to `jaxchat.model.loss_fn`.
+        learning_rates: make_optimizer's *_lr keywords; the rest as `jaxchat.trainer.build_step`.
     Returns:
-        (jitted step, (params, opt_state, inputs, targets, hparams) as ShapeDtypeStructs), and the optax optimizer
-        third when with_optimizer (to initialise a real state: runs/gpu_check.sh).
+        (jitted step, (params, opt_state, batch, hparams) as ShapeDtypeStructs), and the optax optimizer third
+        when with_optimizer (to initialise a real state: runs/gpu_check.sh).
     """
     from jaxchat import model as gpt
-    from jaxchat import sharding as shd
-    from jaxchat import train_loop as tl
-    from jaxchat.optim import make_optimizer
+    from jaxchat import trainer as T
 
-    with backend.use(mesh):
-        abstract_params = gpt.param_shapes(config)
-        param_sh = shd.param_shardings(abstract_params, mesh)
-        optimizer = make_optimizer(abstract_params, config, weight_decay=weight_decay,
-                                   ns_dtype=jnp.dtype(muon_dtype), stack_multiple=mesh.size,
-                                   muon_update_fn=shd.sharded_muon_update(mesh), **(learning_rates or {}))
-        abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
-        opt_sh = shd.opt_state_shardings(abstract_opt, mesh)
-        batch_sh = shd.batch_sharding(mesh, 3)
-        loss = loss_fn or functools.partial(gpt.loss_fn, fp8=fp8, remat=remat)
-        step = tl.jit_train_step(config, optimizer, param_sh, opt_sh, batch_sh, loss_fn=loss)
-        rep = shd.replicated(mesh)
-        batch = jax.ShapeDtypeStruct((grad_accum_steps, device_batch_size * mesh.size, config.sequence_len),
-                                     jnp.int32, sharding=batch_sh)
-        hparams = {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=rep) for k in ("lrm", "momentum", "weight_decay")}
-        args = (_abstract(abstract_params, param_sh), _abstract(abstract_opt, opt_sh), batch, batch, hparams)
-    return (step, args, optimizer) if with_optimizer else (step, args)
+    kw = {k: v for k, v in (("fp8", fp8), ("remat", remat)) if v not in (False, "none")}
+    loss = functools.partial(gpt.loss_fn, **kw) if kw else gpt.loss_fn
+    with backend.use(mesh):  # build_step activates the mesh; use() restores the previous platform afterwards
+        step = T.build_step(config, mesh, device_batch_size=device_batch_size, seq_len=config.sequence_len,
+                            grad_accum=grad_accum_steps, lrs=dict(learning_rates or {}), weight_decay=weight_decay,
+                            muon_dtype=muon_dtype, loss_fn=loss, weighted=weighted, muon_eq=muon_eq,
+                            muon_plus=muon_plus)
+    return (step.fn, step.abstract_args, step.optimizer) if with_optimizer else (step.fn, step.abstract_args)
 
 
 def build_decode_loop(config, mesh, batch_size: int, max_len: int | None = None, steps: int = 32):
@@ -421,23 +411,15 @@ def fits_cleanly(report: dict) -> bool:
     return bool(report["fits"]) and not report["remat_by_xla"]
 
 
-def auto_device_batch_size(build: Callable[[int], tuple], target: Target, start: int = 16, largest: int = 256,
-                           verbose: bool = True) -> tuple[int, dict]:
-    """The largest power of two device batch whose compiled step fits `target` without XLA's rematerialisation.
-
-    Args:
-        build: device_batch_size -> (jitted, abstract_args) on a mesh of `target`'s devices (or of real GPUs: then
-            the same compile tells the fit at start-up).
-        start: the first size tried; sizes double while they fit and halve while they do not.
-    Returns:
-        (device batch size, its compile_report dict).
-    Raises:
-        UserError: not even a device batch of 1 fits (names --remat and a smaller model as the ways out).
-    """
+def auto_search(build: Callable[[int], tuple], target: Target | None = None, start: int = SPEEDRUN_DEVICE_BATCH,
+                largest: int = 256, verbose: bool = True) -> tuple[int, dict]:
+    """`auto_device_batch_size` returning (device batch size, its compile_report dict)."""
     tried: dict[int, dict] = {}
 
     def attempt(b: int) -> dict:
+        nonlocal target
         jitted, args = build(b)
+        target = target or local_target(_mesh_of(args))
         tried[b] = compile_report(jitted, args, target, b, label=f"device batch {b}", verbose=verbose)
         return tried[b]
 
@@ -454,6 +436,23 @@ def auto_device_batch_size(build: Callable[[int], tuple], target: Target, start:
     raise UserError(f"--device-batch-size=auto: not even a device batch of 1 fits {target} ({need:.1f} GiB per GPU "
                     f"of {target.device_memory_bytes / GIB:.1f}); try --remat=block, more GPUs (ZeRO shards the "
                     f"optimizer state) or a smaller --depth")
+
+
+def auto_device_batch_size(build: Callable[[int], tuple], target: Target | None = None,
+                           start: int = SPEEDRUN_DEVICE_BATCH, largest: int = 256, verbose: bool = True) -> int:
+    """The largest power of two device batch whose compiled step fits `target` without XLA's rematerialisation.
+
+    Args:
+        build: device_batch_size -> (jitted, abstract_args) on a mesh of `target`'s devices, or of real GPUs with
+            target=None (then their memory_stats() give the limit: --device-batch-size=auto at start-up).
+        start: the first size tried; sizes double while they fit and halve while they do not.
+    Returns:
+        the device batch size.
+    Raises:
+        UserError: not even a device batch of 1 fits (names --remat and more GPUs as the ways out), or target is
+            None and the mesh is not on GPUs.
+    """
+    return auto_search(build, target, start, largest, verbose)[0]
 
 
 def suggestion(report: dict) -> str:
@@ -503,44 +502,6 @@ def build_prefill(config, mesh, prompt_len: int, max_len: int | None = None):
         args = (_abstract(abstract_params, jax.tree.map(lambda _: rep, abstract_params)),
                 jax.ShapeDtypeStruct((1, prompt_len), jnp.int32, sharding=rep),
                 jax.ShapeDtypeStruct((1,), jnp.int32, sharding=rep))
-    return jitted, args
-
-
-def build_rl_step(config, mesh, device_batch_size: int, *, learning_rates: dict | None = None,
-                  weight_decay: float = 0.0, fp8: bool = False, remat: str = "none"):
-    """train.rl's update on one micro-batch: the gradient of sum_rows w * sum_t nll (REINFORCE with advantages w,
-    nanochat chat_rl) and the optimizer step, as one jitted program. Returns (jitted, (params, opt_state, inputs,
-    targets, weights, lrm) ShapeDtypeStructs)."""
-    import optax
-
-    from jaxchat import model as gpt
-    from jaxchat import sharding as shd
-    from jaxchat.optim import make_optimizer, set_hparams
-
-    with backend.use(mesh):
-        abstract_params = gpt.param_shapes(config)
-        param_sh = shd.param_shardings(abstract_params, mesh)
-        optimizer = make_optimizer(abstract_params, config, weight_decay=weight_decay, stack_multiple=mesh.size,
-                                   muon_update_fn=shd.sharded_muon_update(mesh), **(learning_rates or {}))
-        abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
-        opt_sh = shd.opt_state_shardings(abstract_opt, mesh)
-        rep, rows = shd.replicated(mesh), shd.batch_sharding(mesh, 2)
-        row_w = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(shd.BATCH_AXES))
-
-        def step(params, opt_state, x, y, w, lrm):
-            def objective(p):
-                nll = gpt.loss_fn(p, config, x, y, reduction="none", fp8=fp8, remat=remat)
-                return jnp.sum(nll.sum(-1) * w)
-            _, grads = jax.value_and_grad(objective)(params)
-            updates, opt_state = optimizer.update(grads, set_hparams(opt_state, lrm=lrm), params)
-            return optax.apply_updates(params, updates), opt_state
-
-        jitted = jax.jit(step, in_shardings=(param_sh, opt_sh, rows, rows, row_w, rep),
-                         out_shardings=(param_sh, opt_sh), donate_argnums=(0, 1))
-        B, T = device_batch_size * mesh.size, config.sequence_len
-        args = (_abstract(abstract_params, param_sh), _abstract(abstract_opt, opt_sh),
-                jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=rows), jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=rows),
-                jax.ShapeDtypeStruct((B,), jnp.float32, sharding=row_w), jax.ShapeDtypeStruct((), jnp.float32, sharding=rep))
     return jitted, args
 
 
@@ -621,7 +582,7 @@ def choose_and_compile(build: Callable[[int], tuple], target: Target, device_bat
     """Compile `build(device_batch_size)` (or, for 'auto', the largest power of two that fits); write the chosen
     program's HLO to hlo_out. Returns (device batch size, report)."""
     if device_batch_size == "auto":
-        b, report = auto_device_batch_size(build, target)
+        b, report = auto_search(build, target)
         if hlo_out:  # compile the winner once more for its text: auto compiled several candidates
             jitted, args = build(b)
             report = compile_report(jitted, args, target, b, hlo_out, label=label, verbose=False)
@@ -630,12 +591,6 @@ def choose_and_compile(build: Callable[[int], tuple], target: Target, device_bat
         return b, report
     jitted, args = build(int(device_batch_size))
     return int(device_batch_size), compile_report(jitted, args, target, int(device_batch_size), hlo_out, label=label)
-
-
-def auto_for_mesh(build: Callable[[int], tuple], mesh) -> int:
-    """--device-batch-size=auto on the real GPUs of `mesh`: compile candidates there (nothing runs)."""
-    b, _ = auto_device_batch_size(build, local_target(mesh))
-    return b
 
 
 def plan_table(rows: list[tuple[str, Any]], report: dict | None = None) -> str:
@@ -657,84 +612,31 @@ def plan_table(rows: list[tuple[str, Any]], report: dict | None = None) -> str:
     return "\n".join(f"{k:<{width}} | {fmt(v)}" for k, v in rows)
 
 
-def pretrain_plan_rows(plan: dict) -> list[tuple[str, Any]]:
-    c = plan["model_config"]
-    return [("model", f"d{c['n_layer']}: n_embd {c['n_embd']}, {c['n_head']} heads, seq {c['sequence_len']}, "
-                      f"vocab {c['vocab_size']}"),
-            ("parameters", plan["param_counts"]["total"]), ("scaling parameters", plan["num_scaling_params"]),
-            ("total batch (tokens)", plan["total_batch_size"]), ("devices", plan["num_devices"]),
-            ("device batch x seq", plan["tokens_per_fwdbwd"]), ("gradient accumulation", plan["grad_accum_steps"]),
-            ("iterations", plan["num_iterations"]), ("tokens", plan["total_tokens"]),
-            ("tokens per parameter", round(plan["tokens_per_param"], 2)), ("FLOPs", f"{plan['total_flops']:.3e}")] + (
-           [("error", plan["error"])] if plan.get("error") else [])
-
-
-def pretrain_compile_for(args) -> dict:
-    """train.pretrain --compile-for: the real step (mesh, shardings, optimizer, plan) compiled for the target.
-
-    Prints the plan table with the memory per GPU and, last, one JSON line (the report with the plan in 'plan').
-    Raises:
-        UserError: the step does not fit (with what would).
-    """
-    from train import pretrain as pt
-    from jaxchat import model as gpt
-
-    target = parse_target(args.compile_for)
-    if target.num_devices % args.fsdp:
-        raise UserError(f"--fsdp={args.fsdp} must divide the {target.num_devices} GPUs of --compile-for={target}")
-    mesh = topology_mesh(target, (target.num_devices // args.fsdp, args.fsdp))
-    vocab = pt._vocab_for_dry_run(args)
-
-    def plan_for(b):
-        return pt.make_plan(argparse_copy(args, device_batch_size=b), vocab, target.num_devices, strict=False)
-
-    def build(b):
-        plan = plan_for(b)
-        with backend.use(mesh):
-            muon_dtype = pt.resolve_muon_dtype(args.muon_dtype)
-        return build_pretrain_step(gpt.GPTConfig.from_dict(plan["model_config"]), mesh, b,
-                                   grad_accum_steps=plan["grad_accum_steps"] or 1, fp8=args.fp8, remat=args.remat,
-                                   learning_rates=plan["learning_rates"], weight_decay=plan["weight_decay"],
-                                   muon_dtype=muon_dtype)
-
-    b, report = choose_and_compile(build, target, args.device_batch_size, args.hlo_out, label="pretraining step")
-    plan = plan_for(b)
-    print(plan_table(pretrain_plan_rows(plan) + [("fp8", args.fp8), ("remat", args.remat)], report), flush=True)
-    out = {**report, "fp8": args.fp8, "remat": args.remat, "plan": plan}
-    print_json(out)
-    check_fits(report, f"--compile-for={target}: ")
-    return out
-
-
-def argparse_copy(args, **changes):
-    import argparse
-    return argparse.Namespace(**{**vars(args), **changes})
-
-
 def sft_compile_for(args, rl: bool = False) -> dict:
-    """train.sft / train.rl --compile-for: their update step for the model of the newest base (sft for RL)
-    checkpoint, else nanochat's d{--depth}, compiled for the target. Prints a table and one JSON line last."""
+    """train.sft / train.rl --compile-for: their step (jaxchat.trainer.build_step; RL's weighted) for the model of
+    the newest base (sft for RL) checkpoint, else nanochat's d{--depth}, compiled for the target; one micro-batch
+    per step (accumulation repeats it). Prints a table and, last, one JSON line. Raises UserError when it does
+    not fit."""
     target = parse_target(args.compile_for)
-    mesh = topology_mesh(target)
+    mesh = topology_mesh(target, (target.num_devices // args.fsdp, args.fsdp))
     source = "sft" if rl else "base"
-    config, origin = config_from_checkpoint(source, getattr(args, "model_tag", None), getattr(args, "depth", 20))
-    if getattr(args, "max_seq_len", None) and not rl:
+    config, origin = config_from_checkpoint(source, getattr(args, "model_tag", None), args.depth)
+    if not rl and getattr(args, "max_seq_len", None):
         config = type(config).from_dict({**config.to_dict(), "sequence_len": min(args.max_seq_len, config.sequence_len)})
     lrs = {k: getattr(args, k) for k in ("unembedding_lr", "embedding_lr", "matrix_lr")
            if getattr(args, k, None) is not None}  # None: SFT inherits them from the checkpoint
-    fp8, remat = getattr(args, "fp8", False), getattr(args, "remat", "none")
 
     def build(b):
-        if rl:
-            return build_rl_step(config, mesh, b, learning_rates=lrs, weight_decay=getattr(args, "weight_decay", 0.0),
-                                 fp8=fp8, remat=remat)
-        return build_pretrain_step(config, mesh, b, fp8=fp8, remat=remat, learning_rates=lrs, weight_decay=0.0)
+        return build_pretrain_step(config, mesh, b, fp8=args.fp8, remat=args.remat, learning_rates=lrs,
+                                   weight_decay=getattr(args, "weight_decay", 0.0) if rl else 0.0,
+                                   muon_dtype=args.muon_dtype, weighted=rl, muon_eq=args.muon_eq,
+                                   muon_plus=args.muon_plus)
 
-    name = "RL update step" if rl else "SFT step"
+    name = "RL step" if rl else "SFT step"
     batch = args.device_batch_size or SPEEDRUN_DEVICE_BATCH  # SFT's None means "inherit from the checkpoint"
     b, report = choose_and_compile(build, target, batch, args.hlo_out, label=name)
     rows = [("program", name), ("model", f"d{config.n_layer} n_embd {config.n_embd} seq {config.sequence_len} "
-                                         f"({origin})"), ("fp8", fp8), ("remat", remat)]
+                                         f"({origin})"), ("fp8", args.fp8), ("remat", args.remat)]
     print(plan_table(rows, report), flush=True)
     out = {**report, "program": name, "model_config": config.to_dict()}
     print_json(out)

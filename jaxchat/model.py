@@ -1,10 +1,12 @@
 """The GPT: pure functions over a params pytree, computing what nanochat's `GPT` computes.
 
-Source of every fact here: nanochat `nanochat/gpt.py` (commit 5019acc). Features: rotary embeddings (no learned
+Source of every fact here: nanochat `nanochat/gpt.py` (commit 5019acc; the hashed bigram embeddings from its bigram
+speedrun branch, commit 412e9a1). Features: rotary embeddings (no learned
 positions), QK RMSNorm, grouped-query attention, a per-layer sliding-window pattern, value embeddings with an
 input-dependent gate on alternating layers (ResFormer), relu² MLP, weightless RMSNorm, per-layer residual and x0
 scalars, smear (previous-token mixing), backout (subtract the mid-layer residual), an untied head over a padded
-vocabulary, and a logit softcap.
+vocabulary, a logit softcap, and optional hashed bigram embeddings (a per-layer residual looked up by a hash of
+the (previous, current) token pair).
 
 Parameters are a nested dict of float32 arrays (the embedding tables bfloat16 on GPU: `param_shapes`). Matrices keep
 nanochat's (out_features, in_features) layout, so that checkpoints convert without transposes and Muon's row/column
@@ -14,7 +16,10 @@ conventions carry over unchanged:
      'value_embeds': {'<i>': (Vp, n_kv_head*head_dim)} for each layer i with a value embedding,
      'h': [ {'attn': {'c_q': (H*D, C), 'c_k': (K*D, C), 'c_v': (K*D, C), 'c_proj': (C, C), ['ve_gate': (K, 12)]},
              'mlp': {'c_fc': (4C, C), 'c_proj': (C, 4C)}} for each layer ],
-     'resid_lambdas': (L,), 'x0_lambdas': (L,), 'smear_gate': (1, 24), 'smear_lambda': (1,), 'backout_lambda': (1,)}
+     'resid_lambdas': (L,), 'x0_lambdas': (L,), 'smear_gate': (1, 24), 'smear_lambda': (1,), 'backout_lambda': (1,),
+     ['bigram_embed': (V * bigram_embed_factor, C), 'bigram_lambdas': (L,)] when bigram_embed_factor > 0}
+
+The bigram table has vocab_size * factor rows of the unpadded vocab (nanochat does not pad it).
 
 Precision: master weights stay float32; matmuls and activations run in `jaxchat.common.compute_dtype()` (bfloat16 on
 GPU/TPU, float32 on CPU, `$JAXCHAT_DTYPE` overrides); logits and the loss are float32.
@@ -43,6 +48,12 @@ SOFTCAP = 15.0  # logits are squashed to (-15, 15)
 ROPE_BASE = 100_000.0
 QK_SCALE = 1.2  # q and k are each scaled after QK-norm: sharper attention
 PAD_VOCAB_TO = 64
+# Multipliers of the bigram hash (nanochat 412e9a1 `GPT._bigram_hash`): h = (A * tok XOR B * prev) mod (rows - 1).
+BIGRAM_HASH_CUR = 36313
+BIGRAM_HASH_PREV = 27191
+# nanochat's rotary table covers 10 x sequence_len positions, the longest input its model accepts (CORE rows may
+# exceed sequence_len: nanochat never crops them).
+ROTARY_LEN_FACTOR = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +74,8 @@ class GPTConfig:
     n_kv_head: int = 6  # key/value heads (GQA when < n_head)
     n_embd: int = 768
     window_pattern: str = "SSSL"  # tiled over layers; the last layer is always L
+    bigram_embed_factor: int = 0  # > 0: hashed bigram embeddings with vocab_size * factor rows (0 = off)
+    bigram_lambda_init: float = 0.05  # initial per-layer weight of the bigram residual
 
     def __post_init__(self):
         for field in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
@@ -77,6 +90,12 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.window_pattern={self.window_pattern!r} may contain only the letters S and L")
         if self.n_embd < SMEAR_CHANNELS:
             raise ValueError(f"GPTConfig.n_embd={self.n_embd} must be at least {SMEAR_CHANNELS} (the smear gate reads that many)")
+        if not isinstance(self.bigram_embed_factor, int) or self.bigram_embed_factor < 0:
+            raise ValueError(f"GPTConfig.bigram_embed_factor must be an int >= 0 (flag --bigram-embed-factor), got "
+                             f"{self.bigram_embed_factor!r}")
+        if self.bigram_embed_factor and self.bigram_vocab_size < 2:
+            raise ValueError(f"GPTConfig.bigram_embed_factor={self.bigram_embed_factor} gives a bigram table of "
+                             f"{self.bigram_vocab_size} rows; the hash needs at least 2")
 
     @property
     def head_dim(self) -> int:
@@ -90,6 +109,11 @@ class GPTConfig:
     def padded_vocab_size(self) -> int:
         """Vocab rounded up to a multiple of 64 for the embedding and head (logits are cropped back)."""
         return -(-self.vocab_size // PAD_VOCAB_TO) * PAD_VOCAB_TO
+
+    @property
+    def bigram_vocab_size(self) -> int:
+        """Rows of the bigram table: vocab_size * bigram_embed_factor (0 when off)."""
+        return self.vocab_size * self.bigram_embed_factor
 
     @property
     def window_sizes(self) -> tuple[int, ...]:
@@ -109,7 +133,12 @@ class GPTConfig:
         return layer % 2 == (self.n_layer - 1) % 2
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields as a dict (a checkpoint's `model_config`); the bigram fields only when bigram_embed_factor > 0,
+        since nanochat versions without bigram embeddings (5019acc, HEAD) reject them in their GPTConfig."""
+        d = dataclasses.asdict(self)
+        if not self.bigram_embed_factor:
+            del d["bigram_embed_factor"], d["bigram_lambda_init"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
@@ -127,7 +156,8 @@ class GPTConfig:
 
 def param_shapes(config: GPTConfig) -> Params:
     """The params pytree with `jax.ShapeDtypeStruct` leaves, without allocating anything: float32, except the
-    embedding tables (`wte`, `value_embeds`) in `jaxchat.backend.embedding_dtype()` (bfloat16 on GPU, as nanochat)."""
+    embedding tables (`wte`, `value_embeds`, `bigram_embed`) in `jaxchat.backend.embedding_dtype()` (bfloat16 on
+    GPU, as nanochat)."""
     C, Vp, L = config.n_embd, config.padded_vocab_size, config.n_layer
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
     emb = lambda *shape: jax.ShapeDtypeStruct(shape, backend.embedding_dtype())  # noqa: E731
@@ -148,6 +178,8 @@ def param_shapes(config: GPTConfig) -> Params:
         "smear_gate": f32(1, SMEAR_CHANNELS),
         "smear_lambda": f32(1),
         "backout_lambda": f32(1),
+        **({"bigram_embed": emb(config.bigram_vocab_size, C), "bigram_lambdas": f32(L)}
+           if config.bigram_embed_factor else {}),
     }
 
 
@@ -157,7 +189,8 @@ def init_params(config: GPTConfig, key: jax.Array) -> Params:
     wte N(0, 0.8); lm_head N(0, 0.001); c_q/c_k/c_v and value embeddings U(-s, s) with s = sqrt(3/n_embd) (std
     1/sqrt(n_embd)); c_fc U(-0.4s, 0.4s); both output projections zero; resid_lambdas 1.15 -> 1.05 and x0_lambdas
     0.20 -> 0.05 linearly over layers; ve_gate U(0, 0.02); smear_gate U(0, 0.02), smear_lambda 0, backout_lambda 0.2
-    (as current nanochat initialises them explicitly).
+    (as current nanochat initialises them explicitly); bigram_embed 0 and bigram_lambdas bigram_lambda_init (so a
+    fresh bigram model computes what the same model without them computes).
 
     Jitted (config static): one compiled program instead of hundreds of eager ops.
 
@@ -203,6 +236,9 @@ def _init_params(config: GPTConfig, key: jax.Array, embed_dtype: str) -> Params:
         "smear_gate": uniform(shapes["smear_gate"], 0.0, 0.02),
         "smear_lambda": jnp.zeros((1,), jnp.float32),
         "backout_lambda": jnp.full((1,), 0.2, jnp.float32),
+        **({"bigram_embed": jnp.zeros(shapes["bigram_embed"].shape, embed_dtype),
+            "bigram_lambdas": jnp.full((L,), config.bigram_lambda_init, jnp.float32)}
+           if config.bigram_embed_factor else {}),
     }
 
 
@@ -363,6 +399,26 @@ def _attention_bwd(window, residuals, d_out):
 softmax_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def bigram_hash(idx: jax.Array, prev: jax.Array, has_prev: jax.Array, num_rows: int) -> jax.Array:
+    """Row of the bigram table for each (previous, current) token pair (nanochat 412e9a1 `GPT._bigram_hash`).
+
+    h = ((36313 * tok) XOR (27191 * prev)) mod (num_rows - 1), in int32 with wrap-around products and a non-negative
+    remainder; a token with no previous one (position 0 of a sequence) gets row num_rows - 1, which no pair reaches.
+
+    Args:
+        idx: int (B, T) token ids.
+        prev: int, broadcastable to idx: the token before each one.
+        has_prev: bool, broadcastable to idx: False at position 0.
+        num_rows: rows of the table, vocab_size * bigram_embed_factor (>= 2).
+    Returns:
+        int32 (B, T) row ids in [0, num_rows).
+    """
+    mod = num_rows - 1
+    tok, prev = idx.astype(jnp.int32), prev.astype(jnp.int32)
+    h = jnp.remainder(jnp.bitwise_xor(BIGRAM_HASH_CUR * tok, BIGRAM_HASH_PREV * prev), mod)
+    return jnp.where(has_prev, h, mod).astype(jnp.int32)
+
+
 def _smear(params: Params, x: jax.Array, x_prev: jax.Array, has_prev: jax.Array) -> jax.Array:
     """x + smear_lambda * sigmoid(smear_gate(x[..., :24])) * x_prev where a previous token exists."""
     gate = params["smear_lambda"].astype(x.dtype) * jax.nn.sigmoid(linear(x[..., :SMEAR_CHANNELS], params["smear_gate"]))
@@ -457,8 +513,8 @@ def _block(block: Params, config: GPTConfig, x: jax.Array, ve, cos, sin, window:
 
 
 def _trunk(params: Params, config: GPTConfig, idx: jax.Array, kv_cache: KVCache | None = None,
-           valid_len: jax.Array | None = None, attend_len: int | None = None, *, fp8: bool = False,
-           remat: str = "none"):
+           valid_len: jax.Array | None = None, attend_len: int | None = None, max_len: int | None = None, *,
+           fp8: bool = False, remat: str = "none"):
     """Embedding through final norm. Returns (hidden (B, T, C) in compute dtype, new kv_cache or None).
     fp8, remat: see `loss_fn`."""
     B, T = idx.shape
@@ -466,11 +522,14 @@ def _trunk(params: Params, config: GPTConfig, idx: jax.Array, kv_cache: KVCache 
     x = rms_norm(params["wte"].astype(dtype)[idx])
 
     if kv_cache is None:
-        if T > config.sequence_len:
-            raise ValueError(f"sequence length T={T} exceeds GPTConfig.sequence_len={config.sequence_len}")
+        limit = config.sequence_len if max_len is None else max_len
+        if T > limit:
+            raise ValueError(f"sequence length T={T} exceeds GPTConfig.sequence_len={config.sequence_len}"
+                             + ("" if max_len is None else f" (max_len={max_len})"))
         pos = None
         positions = jnp.arange(T)[None, :]  # (1, T)
         x_prev = jnp.concatenate([jnp.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
+        idx_prev = jnp.concatenate([jnp.zeros_like(idx[:, :1]), idx[:, :-1]], axis=1)
         x = _smear(params, x, x_prev, positions > 0)
         new_cache = None
     else:
@@ -478,10 +537,20 @@ def _trunk(params: Params, config: GPTConfig, idx: jax.Array, kv_cache: KVCache 
         positions = pos[:, None] + jnp.arange(T)  # (B, T)
         # The token before position 0 of this chunk is the last one of the previous call (kept in the cache).
         x_prev = jnp.concatenate([kv_cache["prev_embd"].astype(x.dtype), x[:, :-1]], axis=1)
+        idx_prev = jnp.concatenate([kv_cache["prev_token"][:, None].astype(idx.dtype), idx[:, :-1]], axis=1)
         n_valid = jnp.full((B,), T, jnp.int32) if valid_len is None else valid_len.astype(jnp.int32)
-        last = jnp.take_along_axis(x, jnp.maximum(n_valid - 1, 0)[:, None, None], axis=1)  # (B, 1, C)
-        new_cache = {"pos": pos + n_valid, "prev_embd": last.astype(kv_cache["prev_embd"].dtype)}
+        last_at = jnp.maximum(n_valid - 1, 0)
+        last = jnp.take_along_axis(x, last_at[:, None, None], axis=1)  # (B, 1, C)
+        new_cache = {"pos": pos + n_valid, "prev_embd": last.astype(kv_cache["prev_embd"].dtype),
+                     "prev_token": jnp.take_along_axis(idx, last_at[:, None], axis=1)[:, 0].astype(jnp.int32)}
         x = _smear(params, x, x_prev, positions > 0)
+    # Bigram rows: position 0 of a sequence has no pair. A chunk that continues a cached sequence pairs its first
+    # token with the cache's prev_token, so chunked prefill and decode see the full-sequence hash (nanochat's decode
+    # does the same; its multi-token cached calls only ever start at position 0).
+    bigram = None
+    if config.bigram_embed_factor:
+        rows = bigram_hash(idx, idx_prev, positions > 0, config.bigram_vocab_size)
+        bigram = params["bigram_embed"].astype(dtype)[rows]
 
     cos, sin = rotary(positions, config.head_dim, dtype)
     x0 = x
@@ -491,6 +560,8 @@ def _trunk(params: Params, config: GPTConfig, idx: jax.Array, kv_cache: KVCache 
         k_all, v_all = kv_cache["k"], kv_cache["v"]
     for i, block in enumerate(params["h"]):
         x = params["resid_lambdas"][i].astype(dtype) * x + params["x0_lambdas"][i].astype(dtype) * x0
+        if bigram is not None:
+            x = x + params["bigram_lambdas"][i].astype(dtype) * bigram
         ve = params["value_embeds"][str(i)].astype(dtype)[idx] if config.has_ve(i) else None
         layer_cache = None if kv_cache is None else (k_all, v_all, i)
         x, layer_cache = _block(block, config, x, ve, cos, sin, config.window_sizes[i], layer_cache, pos, attend_len,
@@ -521,25 +592,29 @@ def _softcap(z: jax.Array) -> jax.Array:
 
 
 def forward(params: Params, config: GPTConfig, idx: jax.Array, kv_cache: KVCache | None = None,
-            valid_len: jax.Array | None = None, attend_len: int | None = None):
+            valid_len: jax.Array | None = None, attend_len: int | None = None, *, max_len: int | None = None):
     """Logits of the next token at every position (nanochat `GPT.forward` without targets).
 
     Args:
         params: the params pytree.
         config: the model config (static under jit).
-        idx: int32 token ids (B, T); T <= sequence_len without a cache.
+        idx: int32 token ids (B, T); T <= sequence_len (or max_len) without a cache.
         kv_cache: optional cache from `init_kv_cache`. Its 'pos' (B,) says how many tokens each row holds; idx is
             written at positions pos .. pos+T-1 (the caller keeps pos + T <= max_len: writes past the end are clamped).
         valid_len: optional int32 (B,): how many of the T tokens are real in a right-padded prefill. The new
             'pos' is pos + valid_len and smear's previous embedding is taken at valid_len - 1. Default T.
         attend_len: optional static int: attention reads only the cache's first attend_len positions, which must
             hold every row's pos + T (decode cost grows with the positions read, not the cache size). Default all.
+        max_len: optional static int: the longest T accepted without a cache, default sequence_len. nanochat's
+            model accepts up to ROTARY_LEN_FACTOR * sequence_len (its rotary table); rotary angles here are computed
+            for the actual positions, and the "long" layers keep their window of sequence_len, as nanochat's.
     Returns:
-        logits float32 (B, T, vocab_size), softcapped; with a cache, (logits, new_cache).
+        logits float32 (B, T, vocab_size), softcapped; with a cache, (logits, new_cache), whose 'prev_token' is
+        the last real token id of idx per row (the bigram hash of the next call needs it).
     Raises:
-        ValueError: T > config.sequence_len without a cache.
+        ValueError: T > sequence_len (or max_len) without a cache.
     """
-    x, new_cache = _trunk(params, config, idx, kv_cache, valid_len, attend_len)
+    x, new_cache = _trunk(params, config, idx, kv_cache, valid_len, attend_len, max_len)
     logits = _logits(params, config, x)
     return logits if kv_cache is None else (logits, new_cache)
 
@@ -688,26 +763,30 @@ def init_kv_cache(config: GPTConfig, batch_size: int, max_len: int, dtype=None) 
 
     Returns a dict: 'k', 'v' (n_layer, batch_size, max_len, n_kv_head, head_dim) in `dtype` (default the compute
     dtype); 'pos' (batch_size,) int32 zeros; 'prev_embd' (batch_size, 1, n_embd), the last token's normalised
-    embedding that smear needs when decoding.
+    embedding that smear needs when decoding; 'prev_token' (batch_size,) int32, the last token id, which the
+    bigram hash needs when decoding (present whether or not the model has bigram embeddings). Every key but 'k' and
+    'v' has its batch axis first.
     """
     dtype = dtype or compute_dtype()
     shape = (config.n_layer, batch_size, max_len, config.n_kv_head, config.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "pos": jnp.zeros((batch_size,), jnp.int32),
-            "prev_embd": jnp.zeros((batch_size, 1, config.n_embd), dtype)}
+            "prev_embd": jnp.zeros((batch_size, 1, config.n_embd), dtype),
+            "prev_token": jnp.zeros((batch_size,), jnp.int32)}
 
 
 def num_scaling_params(config: GPTConfig) -> dict[str, int]:
-    """Parameter counts per group, as nanochat's `num_scaling_params` (wte, value_embeds, lm_head,
-    transformer_matrices, scalars, total)."""
+    """Parameter counts per group, as nanochat's `num_scaling_params` (wte, bigram_embed, value_embeds, lm_head,
+    transformer_matrices, scalars, total); bigram_lambdas count as scalars (nanochat 412e9a1)."""
     shapes = param_shapes(config)
     count = lambda tree: sum(math.prod(s.shape) for s in jax.tree_util.tree_leaves(tree))  # noqa: E731
     out = {
         "wte": count(shapes["wte"]),
+        "bigram_embed": count(shapes.get("bigram_embed", [])),
         "value_embeds": count(shapes["value_embeds"]),
         "lm_head": count(shapes["lm_head"]),
         "transformer_matrices": count(shapes["h"]),
-        "scalars": count([shapes[k] for k in ("resid_lambdas", "x0_lambdas", "smear_gate", "smear_lambda",
-                                             "backout_lambda")]),
+        "scalars": count([shapes[k] for k in ("resid_lambdas", "x0_lambdas", "bigram_lambdas", "smear_gate",
+                                             "smear_lambda", "backout_lambda") if k in shapes]),
     }
     out["total"] = sum(out.values())
     return out
@@ -716,11 +795,12 @@ def num_scaling_params(config: GPTConfig) -> dict[str, int]:
 def estimate_flops(config: GPTConfig) -> int:
     """Training FLOPs per token (forward + backward), nanochat's `estimate_flops`.
 
-    6 per matmul weight (embeddings and scalars excluded), plus 12 * n_head * head_dim * min(window, seq_len) per layer
-    for the attention scores and values.
+    6 per matmul weight (embeddings, the bigram table and scalars excluded), plus
+    12 * n_head * head_dim * min(window, seq_len) per layer for the attention scores and values.
     """
     counts = num_scaling_params(config)
-    matmul_params = counts["total"] - counts["wte"] - counts["value_embeds"] - counts["scalars"]
+    matmul_params = (counts["total"] - counts["wte"] - counts["bigram_embed"] - counts["value_embeds"]
+                     - counts["scalars"])
     t = config.sequence_len
     attn = sum(12 * config.n_head * config.head_dim * min(w, t) for w in config.window_sizes)
     return 6 * matmul_params + attn

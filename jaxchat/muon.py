@@ -3,21 +3,29 @@
 One Muon step on a stack of K same-shaped matrices (nanochat `nanochat/optim.py`, `muon_step_fused`):
 
 1. Nesterov momentum in lerp form: buf <- lerp(buf, g, 1 - mu); g <- lerp(g, buf, mu).
-2. Orthogonalisation by Polar Express (Amsel, Persson, Musco, Gower, arXiv 2505.16932), the 5 published
+2. MuonEq equilibration (arXiv 2603.28254), optional: each row (or column) of X rescaled to the mean row (column)
+   norm, ||X||_F / sqrt(R) (sqrt(C)), norms in float32 and floored at 1e-6, so the spectrum entering the
+   orthogonalisation is better conditioned.
+3. Orthogonalisation by Polar Express (Amsel, Persson, Musco, Gower, arXiv 2505.16932), the 5 published
    coefficient triples nanochat uses, after dividing by 1.01 * ||g||_F + 1e-6. Wide (R <= C) matrices iterate on
    X X^T, tall (R > C) on X^T X so the Gram matrix is the small one. It replaces the Newton-Schulz iteration of
    Muon (Keller Jordan, https://kellerjordan.github.io/posts/muon/).
-3. NorMuon variance reduction (arXiv 2510.05491): a second moment of the orthogonalised update, factored per row
+4. Muon+ renormalisation (arXiv 2602.21545), optional: X rescaled to Frobenius norm sqrt(min(R, C)), the norm of
+   an exactly semi-orthogonal matrix, which the 5 iterations only approach.
+5. NorMuon variance reduction (arXiv 2510.05491): a second moment of the orthogonalised update, factored per row
    (R >= C) or per column (R < C), rescales each row/column and then the whole matrix back to the norm it had.
-4. Cautious weight decay (arXiv 2510.12402): decay only where update and parameter agree in sign (u * p >= 0), with
+6. Cautious weight decay (arXiv 2510.12402): decay only where update and parameter agree in sign (u * p >= 0), with
    lr scaled by max(1, R/C) ** 0.5.
 
 Precision follows nanochat's compiled kernel (the reference outputs in tests/fixtures/nanochat-tiny come from it):
-the buffers and the parameter are float32; the Polar Express iterations run in bfloat16 (`ns_dtype`, float32
-selectable) with matmuls accumulated in float32 and each iterate rounded once; everything after it (NorMuon
+the buffers and the parameter are float32; MuonEq, the Polar Express iterations and Muon+ run in bfloat16
+(`ns_dtype`, float32 selectable) with matmuls accumulated in float32 and each iterate rounded once; everything after it (NorMuon
 statistics, the scalars beta2, lr, weight decay, the final update) is float32. The fixture shows that the compiled
 kernel does not round beta2/lr/wd to bfloat16 although the eager source writes `.to(g.dtype)`: the second moment
 after one step is exactly (1 - 0.9) * v_mean and lr * wd exactly 0.004.
+
+nanochat HEAD (commit 4e014d3) always applies MuonEq (row) and Muon+; its bigram speedrun branch (412e9a1) makes
+both flags, off by default there. `muon_eq="none", muon_plus=False` is nanochat 5019acc exactly.
 
 The core `muon_update_stacked` is a pure function of (K, R, C) stacks with no cross-matrix reduction, so the stack
 axis K can be split over devices (`shard_map` over K, with K padded by `stack_multiple`) without changing a number.
@@ -93,6 +101,42 @@ def polar_express(g: jax.Array, ns_steps: int = 5, dtype=BFLOAT16) -> jax.Array:
     return x
 
 
+MUON_EQ_MODES = ("none", "row", "col")
+
+
+def equilibrate(x: jax.Array, mode: str = "row") -> jax.Array:
+    """MuonEq equilibration of each (R, C) matrix of x (arXiv 2603.28254), in x's dtype.
+
+    'row': row i is multiplied by (||X||_F / sqrt(R)) / max(||X_i,:||_2, 1e-6), bringing every row to the mean row
+    norm; 'col': the same over columns with sqrt(C); 'none': x unchanged. Norms and the scale are float32, the
+    scale is rounded to x's dtype before the product (as nanochat's kernel does in bfloat16).
+
+    Args:
+        x: (..., R, C) float array.
+        mode: 'none' | 'row' | 'col'.
+    Raises:
+        ValueError: an unknown mode.
+    Source: nanochat/optim.py `muon_step_fused` (commit 4e014d3; `muon_eq_axis` 1/2 at 412e9a1).
+    """
+    if mode not in MUON_EQ_MODES:
+        raise ValueError(f"muon_eq must be one of {MUON_EQ_MODES}, got {mode!r} (train flag --muon-eq)")
+    if mode == "none":
+        return x
+    f32 = jnp.float32
+    xf = x.astype(f32)
+    axis, n = (-1, x.shape[-2]) if mode == "row" else (-2, x.shape[-1])
+    target = jnp.sqrt(jnp.sum(jnp.square(xf), axis=(-2, -1), keepdims=True)) / n ** 0.5
+    norms = jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(xf), axis=axis, keepdims=True)), 1e-6)
+    return x * (target / norms).astype(x.dtype)
+
+
+def renormalize(x: jax.Array) -> jax.Array:
+    """Muon+ renormalisation (arXiv 2602.21545): each (R, C) matrix of x scaled, in x's dtype, to Frobenius norm
+    sqrt(min(R, C)) (the norm is float32, floored at 1e-6). Source: nanochat/optim.py `muon_step_fused`."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=(-2, -1), keepdims=True))
+    return x * (min(x.shape[-2], x.shape[-1]) ** 0.5 / jnp.maximum(norm, 1e-6)).astype(x.dtype)
+
+
 def second_moment_shape(k: int, rows: int, cols: int) -> tuple[int, int, int]:
     """Shape of NorMuon's factored second moment for a (k, rows, cols) stack: one value per row when
     rows >= cols, else one per column (nanochat `MuonAdamW._step_muon`)."""
@@ -101,7 +145,8 @@ def second_moment_shape(k: int, rows: int, cols: int) -> tuple[int, int, int]:
 
 def muon_update_stacked(grads: jax.Array, params: jax.Array, momentum_buffer: jax.Array,
                         second_momentum_buffer: jax.Array, *, learning_rate, momentum, weight_decay,
-                        beta2=0.9, ns_steps: int = 5, ns_dtype=BFLOAT16):
+                        beta2=0.9, ns_steps: int = 5, ns_dtype=BFLOAT16, muon_eq: str = "row",
+                        muon_plus: bool = True):
     """One Muon step for a stack of K same-shaped matrices; pure, and independent per matrix along K.
 
     Args:
@@ -115,6 +160,8 @@ def muon_update_stacked(grads: jax.Array, params: jax.Array, momentum_buffer: ja
         beta2: scalar EMA coefficient of the second moment (None means 0: no averaging, as nanochat).
         ns_steps: Polar Express iterations (static).
         ns_dtype: dtype of the Polar Express iterations (static): bfloat16 (nanochat) or float32.
+        muon_eq: MuonEq before Polar Express (static): 'row' (nanochat HEAD), 'col' or 'none' (5019acc).
+        muon_plus: Muon+ after Polar Express (static): True (nanochat HEAD) or False (5019acc).
     Returns:
         (updates, momentum_buffer, second_momentum_buffer): updates (K, R, C) in params' dtype to ADD to params
         (new_p = p + updates), and the new buffers.
@@ -139,10 +186,13 @@ def muon_update_stacked(grads: jax.Array, params: jax.Array, momentum_buffer: ja
     buf = buf + (1.0 - mu) * (g - buf)
     g = g + mu * (buf - g)
 
-    # 2. Orthogonalise.
-    x = polar_express(g, ns_steps, ns_dtype)
+    # 2-4. Equilibrate, orthogonalise, renormalise (in ns_dtype, as nanochat's kernel).
+    x = equilibrate(g.astype(ns_dtype), muon_eq)
+    x = polar_express(x, ns_steps, ns_dtype)
+    if muon_plus:
+        x = renormalize(x)
 
-    # 3. NorMuon: factored second moment, one value per row if R >= C (mean over columns), else per column.
+    # 5. NorMuon: factored second moment, one value per row if R >= C (mean over columns), else per column.
     red_axis = -1 if rows >= cols else -2
     red_size = cols if rows >= cols else rows
     b2 = jnp.asarray(0.0 if beta2 is None else beta2, f32)
@@ -156,7 +206,7 @@ def muon_update_stacked(grads: jax.Array, params: jax.Array, momentum_buffer: ja
     final_scale = step_size * (v_norm / jnp.maximum(v_norm_new, 1e-10))
     u = x.astype(f32) * final_scale
 
-    # 4. Cautious weight decay and the step, lr scaled up for tall matrices (e.g. c_fc).
+    # 6. Cautious weight decay and the step, lr scaled up for tall matrices (e.g. c_fc).
     lr = jnp.asarray(learning_rate, f32) * max(1.0, rows / cols) ** 0.5
     wd = jnp.asarray(weight_decay, f32)
     p = params.astype(f32)
@@ -198,12 +248,14 @@ def _padded(k: int, multiple: int) -> int:
 
 
 # Arguments of `muon` that shape the computation and must stay Python values under optax.inject_hyperparams.
-MUON_STATIC_ARGS = ("ns_steps", "ns_dtype", "stack_multiple", "stacked_update_fn")
+MUON_STATIC_ARGS = ("ns_steps", "ns_dtype", "stack_multiple", "stacked_update_fn", "muon_eq", "muon_plus")
 
 
 def muon(learning_rate, momentum=0.95, ns_steps: int = 5, beta2=0.9, weight_decay=0.0, ns_dtype=BFLOAT16,
-         stack_multiple: int = 1, stacked_update_fn: Callable | None = None) -> optax.GradientTransformation:
-    """nanochat's Muon (Nesterov -> Polar Express -> NorMuon -> cautious weight decay) as an optax transformation.
+         stack_multiple: int = 1, stacked_update_fn: Callable | None = None, muon_eq: str = "row",
+         muon_plus: bool = True) -> optax.GradientTransformation:
+    """nanochat's Muon (Nesterov -> MuonEq -> Polar Express -> Muon+ -> NorMuon -> cautious weight decay) as an
+    optax transformation.
 
     Every leaf of the params pytree must be a 2-D (out, in) matrix. Leaves of equal shape are stacked to (K, R, C)
     and updated together by `muon_update_stacked`; the update needs `params` (cautious weight decay). The emitted
@@ -226,16 +278,20 @@ def muon(learning_rate, momentum=0.95, ns_steps: int = 5, beta2=0.9, weight_deca
             state and the work can be sharded evenly; padding rows are zeros and stay zero.
         stacked_update_fn: replacement for `muon_update_stacked` with the same signature, e.g. a `shard_map`
             over K of it.
+        muon_eq: 'row' | 'col' | 'none' (see `equilibrate`).
+        muon_plus: apply Muon+ (see `renormalize`).
     Returns:
         optax.GradientTransformation with state `MuonState`.
     Raises:
-        ValueError: a non-2-D leaf (at init), params missing at update, ns_steps out of range.
+        ValueError: a non-2-D leaf (at init), params missing at update, ns_steps out of range, unknown muon_eq.
     Source: nanochat/optim.py (`MuonAdamW._step_muon`, `muon_step_fused`).
     """
     if not 1 <= ns_steps <= len(POLAR_EXPRESS_COEFFS):
         raise ValueError(f"muon: ns_steps must be in 1..{len(POLAR_EXPRESS_COEFFS)}, got {ns_steps}")
     if stack_multiple < 1:
         raise ValueError(f"muon: stack_multiple must be >= 1, got {stack_multiple}")
+    if muon_eq not in MUON_EQ_MODES:
+        raise ValueError(f"muon: muon_eq must be one of {MUON_EQ_MODES}, got {muon_eq!r} (train flag --muon-eq)")
     core = stacked_update_fn or muon_update_stacked
 
     def init_fn(params):
@@ -263,7 +319,8 @@ def muon(learning_rate, momentum=0.95, ns_steps: int = 5, beta2=0.9, weight_deca
                 zeros = jnp.zeros((pad,) + g.shape[1:], g.dtype)
                 g, p = jnp.concatenate([g, zeros]), jnp.concatenate([p, zeros.astype(p.dtype)])
             u, mb[key], smb[key] = core(g, p, mb[key], smb[key], learning_rate=learning_rate, momentum=momentum,
-                                        weight_decay=weight_decay, beta2=beta2, ns_steps=ns_steps, ns_dtype=ns_dtype)
+                                        weight_decay=weight_decay, beta2=beta2, ns_steps=ns_steps, ns_dtype=ns_dtype,
+                                        muon_eq=muon_eq, muon_plus=muon_plus)
             for j, i in enumerate(idx):
                 out[i] = u[j]
         return jax.tree.unflatten(treedef, out), MuonState(mb, smb)

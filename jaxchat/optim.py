@@ -11,9 +11,14 @@ pytree (see jaxchat/model.py):
 | resid_lambdas  | resid_lambdas                               | AdamW | scalar_lr * 0.01                | 0.8, 0.95   | 0.05  |
 | x0_lambdas     | x0_lambdas                                  | AdamW | scalar_lr                       | 0.96, 0.95  | 0.0   |
 | smear          | smear_gate, smear_lambda, backout_lambda    | AdamW | 0.2                             | 0.8, 0.95   | 0.0   |
+| bigram_embed   | bigram_embed                                | AdamW | embedding_lr * s * mult (1.0)   | 0.75, 0.95  | 0.01  |
+| bigram_lambdas | bigram_lambdas                              | AdamW | bigram_lambda_lr (0.004) * s    | 0.9, 0.95   | 0.0   |
 | muon           | every matrix under h/ (incl. ve_gate)       | Muon  | matrix_lr (* sqrt(R/C) if tall) | mom 0.95    | weight_decay |
 
-with s = (n_embd / 768) ** -0.5 and AdamW eps = 1e-10 everywhere. optax's `adamw` computes nanochat's fused AdamW:
+with s = (n_embd / 768) ** -0.5, mult = bigram_embedding_lr_mult and AdamW eps = 1e-10 everywhere. The two bigram groups exist only when the params
+have those keys (`GPTConfig.bigram_embed_factor > 0`; nanochat's bigram speedrun branch, commit 412e9a1), so a model
+without them has exactly the optimizer state it had before. Muon applies MuonEq (row) and Muon+ by default, as
+nanochat HEAD; `muon_eq="none", muon_plus=False` is nanochat 5019acc. optax's `adamw` computes nanochat's fused AdamW:
 decoupled decay p -= lr * wd * p, lerp moments, bias corrections 1 - beta**step on both moments, and
 lr * m_hat / (sqrt(v_hat) + eps).
 
@@ -46,8 +51,10 @@ ADAMW_EPS = 1e-10
 _GROUP_OF_KEY = {
     "lm_head": "lm_head", "wte": "wte", "value_embeds": "value_embeds", "resid_lambdas": "resid_lambdas",
     "x0_lambdas": "x0_lambdas", "smear_gate": "smear", "smear_lambda": "smear", "backout_lambda": "smear", "h": "muon",
+    "bigram_embed": "bigram_embed", "bigram_lambdas": "bigram_lambdas",
 }
-GROUPS = ("lm_head", "wte", "value_embeds", "resid_lambdas", "x0_lambdas", "smear", "muon")
+GROUPS = ("lm_head", "wte", "value_embeds", "bigram_embed", "resid_lambdas", "x0_lambdas", "bigram_lambdas", "smear",
+          "muon")
 HPARAMS = ("lrm", "momentum", "weight_decay")
 
 
@@ -85,7 +92,9 @@ def muon_stack_paths(params: PyTree) -> dict[str, list[str]]:
 
 def make_optimizer(params: PyTree, config, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
                    scalar_lr=0.5, *, ns_dtype=BFLOAT16, stack_multiple: int = 1,
-                   muon_update_fn: Callable | None = None) -> optax.GradientTransformation:
+                   muon_update_fn: Callable | None = None, muon_eq: str = "row", muon_plus: bool = True,
+                   bigram_embedding_lr_mult: float = 1.0,
+                   bigram_lambda_lr: float = 0.004) -> optax.GradientTransformation:
     """nanochat's `setup_optimizer`: AdamW for embeddings, head and scalars, Muon for the block matrices.
 
     Args:
@@ -95,14 +104,22 @@ def make_optimizer(params: PyTree, config, unembedding_lr=0.004, embedding_lr=0.
         weight_decay: Muon's cautious weight decay at lrm = 1 (the initial value of the `weight_decay` hparam).
         ns_dtype: Polar Express dtype (bfloat16 as nanochat; float32 for exactness).
         stack_multiple, muon_update_fn: passed to `jaxchat.muon.muon` (pad/shard the Muon stack axis).
+        muon_eq: MuonEq before Polar Express: 'row' (nanochat HEAD, default), 'col' or 'none' (5019acc).
+        muon_plus: Muon+ renormalisation after Polar Express: True (nanochat HEAD, default) or False (5019acc).
+        bigram_embedding_lr_mult, bigram_lambda_lr: the bigram groups' lr factors (nanochat 412e9a1's defaults);
+            used only when params hold `bigram_embed` / `bigram_lambdas`.
     Returns:
         one optax.GradientTransformation; `update(grads, state, params)` needs params. Its state holds the
         hyperparameters lrm=1, momentum=0.95, weight_decay=weight_decay, changed with `set_hparams`.
     Raises:
-        ValueError: a parameter outside nanochat's groups, or a non-2-D block parameter.
-    Source: nanochat/gpt.py `GPT.setup_optimizer`, nanochat/optim.py `MuonAdamW`.
+        ValueError: a parameter outside nanochat's groups, a non-2-D block parameter, or muon_eq not in
+            'none' | 'row' | 'col'.
+    Source: nanochat/gpt.py `GPT.setup_optimizer`, nanochat/optim.py `MuonAdamW` (5019acc; 4e014d3 for MuonEq
+    and Muon+; 412e9a1 for the bigram groups).
     """
-    param_labels(params)  # fail now, with the parameter's name, rather than inside jit
+    labels = set(jax.tree.leaves(param_labels(params)))  # fail now, with the parameter's name, not inside jit
+    if muon_eq not in ("none", "row", "col"):
+        raise ValueError(f"make_optimizer: muon_eq must be 'none', 'row' or 'col', got {muon_eq!r} (flag --muon-eq)")
     s = (config.n_embd / 768) ** -0.5
     adamw_groups = {  # group: (lr, (beta1, beta2), weight decay)
         "lm_head": (unembedding_lr * s, (0.8, 0.96), 0.01),
@@ -111,14 +128,17 @@ def make_optimizer(params: PyTree, config, unembedding_lr=0.004, embedding_lr=0.
         "resid_lambdas": (scalar_lr * 0.01, (0.8, 0.95), 0.05),
         "x0_lambdas": (scalar_lr, (0.96, 0.95), 0.0),  # higher beta1 for x0, as nanochat
         "smear": (0.2, (0.8, 0.95), 0.0),
+        "bigram_embed": (embedding_lr * s * bigram_embedding_lr_mult, (0.75, 0.95), 0.01),
+        "bigram_lambdas": (bigram_lambda_lr * s, (0.9, 0.95), 0.0),
     }
+    adamw_groups = {g: hp for g, hp in adamw_groups.items() if g in labels or not g.startswith("bigram")}
 
     def build(lrm, momentum, weight_decay):
         transforms = {name: optax.adamw(lr * lrm, b1=b1, b2=b2, eps=ADAMW_EPS, weight_decay=wd)
                       for name, (lr, (b1, b2), wd) in adamw_groups.items()}
         transforms["muon"] = muon(matrix_lr * lrm, momentum=momentum, ns_steps=5, beta2=0.9,
                                   weight_decay=weight_decay, ns_dtype=ns_dtype, stack_multiple=stack_multiple,
-                                  stacked_update_fn=muon_update_fn)
+                                  stacked_update_fn=muon_update_fn, muon_eq=muon_eq, muon_plus=muon_plus)
         return optax.multi_transform(transforms, param_labels)
 
     return optax.inject_hyperparams(build, hyperparam_dtype=jnp.float32)(

@@ -20,7 +20,7 @@ import shutil
 import socket
 import subprocess
 
-from jaxchat.common import get_base_dir, is_main_process
+from jaxchat.common import get_base_dir, is_main_process, run_cli
 
 # Sections in pipeline order: the stage that writes each one calls get_report().log(section=<title>, data=[...]).
 SECTIONS = [
@@ -248,4 +248,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

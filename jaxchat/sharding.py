@@ -29,6 +29,7 @@ import numpy as np
 from jax import shard_map
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxchat.multihost import global_batch  # noqa: F401  (re-exported: callers import it from here)
 from jaxchat.muon import muon_update_stacked
 
 DATA_AXIS = "data"
@@ -40,6 +41,7 @@ ZERO_AXES = (DATA_AXIS, FSDP_AXIS)  # optimizer state too (ZeRO-1)
 # 'fsdp'; scalars and the tiny gates stay replicated. With fsdp=1 all of this means "replicated".
 PARAM_RULES: tuple[tuple[str, P], ...] = (
     (r"^(wte|lm_head|value_embeds/\d+)$", P(FSDP_AXIS, None)),
+    (r"^bigram_embed$", P(FSDP_AXIS, None)),  # the hashed bigram table (vocab * factor rows), as wte
     (r"^h/\d+/(attn|mlp)/c_(q|k|v|proj|fc)$", P(FSDP_AXIS, None)),
     (r".*", P()),
 )
@@ -50,6 +52,7 @@ PARAM_RULES: tuple[tuple[str, P], ...] = (
 OPT_STATE_RULES: tuple[tuple[str, P], ...] = (
     (r"(^|/)(momentum_buffer|second_momentum_buffer)/\d+x\d+$", P(ZERO_AXES)),
     (r"(^|/)(mu|nu)/(wte|lm_head|value_embeds/\d+)$", P(ZERO_AXES, None)),
+    (r"(^|/)(mu|nu)/bigram_embed$", P(ZERO_AXES, None)),
     (r"(^|/)(mu|nu)/h/\d+/(attn|mlp)/c_\w+$", P(ZERO_AXES, None)),  # when AdamW runs on block matrices (tests)
     (r".*", P()),
 )
@@ -140,17 +143,6 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def global_batch(local: np.ndarray, sharding: NamedSharding, global_shape: tuple[int, ...]) -> jax.Array:
-    """A global array from this process's rows (the batch axis is split across processes in process order).
-
-    Args:
-        local: this process's share, e.g. (micro_steps, B_local, T) int32.
-        sharding: from `batch_sharding`.
-        global_shape: e.g. (micro_steps, B_local * process_count, T).
-    """
-    return jax.make_array_from_process_local_data(sharding, local, global_shape)
-
-
 def sharded_muon_update(mesh: Mesh, axes: tuple[str, ...] = ZERO_AXES):
     """A drop-in for `jaxchat.muon.muon_update_stacked` that splits the stack axis K over `axes` with `shard_map`.
 
@@ -166,7 +158,7 @@ def sharded_muon_update(mesh: Mesh, axes: tuple[str, ...] = ZERO_AXES):
     scalar = P()
 
     def update(grads, params, momentum_buffer, second_momentum_buffer, *, learning_rate, momentum, weight_decay,
-               beta2=0.9, ns_steps: int = 5, ns_dtype=jnp.bfloat16):
+               beta2=0.9, ns_steps: int = 5, ns_dtype=jnp.bfloat16, **options):
         n = _axis_size(mesh, axes)
         if grads.shape[0] % n:
             raise ValueError(f"sharded Muon: stack of {grads.shape[0]} matrices does not split over {n} devices; "
@@ -174,7 +166,7 @@ def sharded_muon_update(mesh: Mesh, axes: tuple[str, ...] = ZERO_AXES):
 
         def local(g, p, mb, smb, lr, mu, wd, b2):
             return muon_update_stacked(g, p, mb, smb, learning_rate=lr, momentum=mu, weight_decay=wd, beta2=b2,
-                                       ns_steps=ns_steps, ns_dtype=ns_dtype)
+                                       ns_steps=ns_steps, ns_dtype=ns_dtype, **options)  # muon_eq, muon_plus
 
         f32 = lambda v: jnp.asarray(0.0 if v is None else v, jnp.float32)  # noqa: E731
         fn = shard_map(local, mesh=mesh, in_specs=(stack, stack, stack, stack, scalar, scalar, scalar, scalar),

@@ -17,6 +17,7 @@ On disk (`$JAXCHAT_BASE_DIR/tokenizer/`):
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import pickle
 import warnings
@@ -110,29 +111,46 @@ class Tokenizer:
         """Load `tokenizer_dir/tokenizer.pkl` (ours, or nanochat's pickled tiktoken Encoding).
 
         Raises:
-            FileNotFoundError: no tokenizer.pkl there (the message names `python -m train.tokenizer`).
-            ValueError: the pickle holds something else.
+            MissingInputError (a UserError and FileNotFoundError): no tokenizer.pkl there (the message names the
+                path and `python -m train.tokenizer`).
+            BadInputError (a UserError and ValueError): the file is not a pickle or holds something else.
         """
+        from jaxchat.common import BadInputError, MissingInputError  # lazy: importing common imports jax
+
         path = os.path.join(tokenizer_dir, TOKENIZER_FILE)
         if not os.path.exists(path):
-            raise FileNotFoundError(f"no tokenizer at {path}: train one with `{TRAIN_COMMAND}` "
+            raise MissingInputError(f"no tokenizer at {path}: train one with `{TRAIN_COMMAND}` "
                                     f"(it writes to $JAXCHAT_BASE_DIR/tokenizer)")
-        with open(path, "rb") as f:
-            obj = pickle.load(f)
+        try:
+            with open(path, "rb") as f:
+                obj = pickle.load(f)
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError) as e:
+            raise BadInputError(f"{path}: not a readable tokenizer ({type(e).__name__}: {e}); retrain it with "
+                                f"`{TRAIN_COMMAND}`") from e
         if isinstance(obj, tiktoken.Encoding):
             enc = obj
         elif isinstance(obj, dict) and {"pat_str", "mergeable_ranks", "special_tokens"} <= obj.keys():
             enc = tiktoken.Encoding(obj.get("name", "rustbpe"), pat_str=obj["pat_str"],
                                     mergeable_ranks=obj["mergeable_ranks"], special_tokens=obj["special_tokens"])
         else:
-            raise ValueError(f"{path}: expected a dict with pat_str, mergeable_ranks, special_tokens "
-                             f"or a tiktoken Encoding, got {type(obj).__name__}")
+            raise BadInputError(f"{path}: expected a dict with pat_str, mergeable_ranks, special_tokens or a "
+                                f"tiktoken Encoding, got {type(obj).__name__}; retrain it with `{TRAIN_COMMAND}`")
         return cls(enc, "<|bos|>")
 
     @classmethod
     def from_pretrained(cls, tiktoken_name: str) -> "Tokenizer":
         """OpenAI's encodings ("gpt2", "cl100k_base"), BOS = <|endoftext|>. Needs tiktoken's download cache."""
         return cls(tiktoken.get_encoding(tiktoken_name), "<|endoftext|>")
+
+    def fingerprint(self) -> str:
+        """'bpe-<vocab size>-<16 hex digits>': a sha256 over the split pattern, the merges (ranks) and the special
+        tokens, so two tokenizers of the same size but different merges differ. Stored in checkpoint meta."""
+        h = hashlib.sha256(self.enc._pat_str.encode())
+        for tok, rank in sorted(self.enc._mergeable_ranks.items(), key=lambda kv: kv[1]):
+            h.update(rank.to_bytes(4, "little") + len(tok).to_bytes(2, "little") + tok)
+        for name, idx in sorted(self._special.items()):
+            h.update(name.encode() + idx.to_bytes(4, "little"))
+        return f"bpe-{self.get_vocab_size()}-{h.hexdigest()[:16]}"
 
     def save(self, tokenizer_dir: str) -> None:
         """Write tokenizer.pkl (plain dict of the encoding's pieces) and token_bytes.npy into tokenizer_dir."""
@@ -374,7 +392,8 @@ def get_tokenizer() -> Tokenizer:
     """The trained tokenizer in $JAXCHAT_BASE_DIR/tokenizer.
 
     Raises:
-        FileNotFoundError: none trained yet (names `python -m train.tokenizer`).
+        MissingInputError (a UserError and FileNotFoundError): none trained yet (names the path and
+            `python -m train.tokenizer`). BadInputError (a ValueError): an unreadable tokenizer.pkl.
     """
     return Tokenizer.from_directory(_tokenizer_dir())
 
@@ -383,9 +402,12 @@ def get_token_bytes() -> np.ndarray:
     """int32 (vocab_size,) byte length per token id, 0 for special tokens (for bits per byte).
 
     Raises:
-        FileNotFoundError: token_bytes.npy missing (names `python -m train.tokenizer`).
+        MissingInputError (a UserError and FileNotFoundError): token_bytes.npy missing (names the path and
+            `python -m train.tokenizer`).
     """
+    from jaxchat.common import MissingInputError
+
     path = os.path.join(_tokenizer_dir(), TOKEN_BYTES_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no token byte lengths at {path}: train a tokenizer with `{TRAIN_COMMAND}`")
+        raise MissingInputError(f"no token byte lengths at {path}: train a tokenizer with `{TRAIN_COMMAND}`")
     return np.load(path).astype(np.int32, copy=False)

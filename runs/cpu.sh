@@ -27,7 +27,7 @@ python -m evals.tokenizer
 
 python -m train.pretrain --depth="$DEPTH" --head-dim=64 --window-pattern=L --max-seq-len="$SEQ" \
   --device-batch-size="$DBS" --total-batch-size="$TBS" --num-iterations="$STEPS" --eval-every=$((STEPS / 4)) \
-  --eval-tokens="$EVAL_TOKENS" --core-metric-every=-1 --sample-every=$((STEPS / 2)) --model-tag=cpu --run="$RUN"
+  --eval-tokens="$EVAL_TOKENS" --core-metric-every=-1 --sample-every=$((STEPS / 2)) --model-tag=cpu --run="$RUN" --overwrite
 
 EVALS=bpb,sample
 [ -d "$BASE/eval_bundle" ] && EVALS=core,bpb,sample
@@ -38,7 +38,7 @@ MIXTURE=identity
 if [ -f /usr/share/dict/words ] || [ -n "${JAXCHAT_WORD_LIST:-}" ]; then MIXTURE=identity,simplespelling,spellingbee; fi
 python -m train.sft --model-tag=cpu --mixture="$MIXTURE" --num-iterations="$SFT_STEPS" \
   --simple-spelling-size="$SPELL" --spelling-bee-size="$SPELL" --eval-every=$((SFT_STEPS / 2)) \
-  --eval-tokens="$EVAL_TOKENS" --chatcore-every=-1 --run="$RUN"
+  --eval-tokens="$EVAL_TOKENS" --chatcore-every=-1 --run="$RUN" --overwrite
 
 if [[ "$MIXTURE" == *spellingbee* ]]; then
   python -m evals.chat_eval -i sft -g cpu -a SpellingBee -x "$CHAT_X" -m 64

@@ -59,19 +59,19 @@ params = jax.jit(lambda k: gpt.init_params(config, k), out_shardings=param_sh)(j
 opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
 T = config.sequence_len
 tokens = jax.random.randint(jax.random.key(1), (1, B, T + 1), 0, config.vocab_size, jnp.int32)
-x = jax.device_put(tokens[:, :, :-1], args[2].sharding)
-y = jax.device_put(tokens[:, :, 1:], args[3].sharding)
+batch = {"inputs": jax.device_put(tokens[:, :, :-1], args[2]["inputs"].sharding),
+         "targets": jax.device_put(tokens[:, :, 1:], args[2]["targets"].sharding)}
 hp = {"lrm": np.float32(1.0), "momentum": np.float32(0.95), "weight_decay": np.float32(0.28)}
 t0 = time.perf_counter()
-params, opt_state, loss = step(params, opt_state, x, y, hp)
+params, opt_state, loss = step(params, opt_state, batch, hp)
 first_loss = float(loss)
 compile_s = time.perf_counter() - t0
 for _ in range(2):
-    params, opt_state, loss = step(params, opt_state, x, y, hp)
+    params, opt_state, loss = step(params, opt_state, batch, hp)
 loss.block_until_ready()
 t0 = time.perf_counter()
 for _ in range(steps):  # no host sync inside: one wait at the end
-    params, opt_state, loss = step(params, opt_state, x, y, hp)
+    params, opt_state, loss = step(params, opt_state, batch, hp)
 last_loss = float(loss)
 dt = time.perf_counter() - t0
 tok_s = steps * B * T / dt

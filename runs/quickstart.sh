@@ -23,7 +23,7 @@ fi
 echo "== pretrain: depth $DEPTH, $STEPS steps on the CPU (TensorBoard run 'quickstart')"
 python -m train.pretrain --depth="$DEPTH" --head-dim=64 --window-pattern=L --max-seq-len=256 \
   --device-batch-size=16 --total-batch-size=4096 --num-iterations="$STEPS" --eval-every=100 --eval-tokens=65536 \
-  --core-metric-every=-1 --sample-every=-1 --save-every=-1 --model-tag="quickstart" --run=quickstart
+  --core-metric-every=-1 --sample-every=-1 --save-every=-1 --model-tag="quickstart" --run=quickstart --overwrite
 echo "== a reply from the model"
 python -m serve.cli -i base -g quickstart -t 0 -m 48 -p "The kernel provides"
 echo

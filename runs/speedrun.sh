@@ -4,6 +4,8 @@
 #   bash runs/speedrun.sh                 # one host, all 8 GPUs (JAX uses every local device; no launcher needed)
 #   DRY_RUN=1 bash runs/speedrun.sh       # print every command, with the numbers the depth dial derives, run nothing
 #   RUN=myrun bash runs/speedrun.sh       # name the TensorBoard run (default "dummy": no TensorBoard events)
+#   RECIPE=bigram bash runs/speedrun.sh   # nanochat 412e9a1's d22 recipe: fp8, Muon+ with row MuonEq, hashed bigram
+#                                         # embeddings (factor 5), 11600 steps of 2**19 tokens
 #
 # Several hosts: run this same script on every host at once, with a shared $JAXCHAT_BASE_DIR (NFS or similar) or
 # with the data downloaded on each, and these variables set per host (jax.distributed reads them):
@@ -16,6 +18,7 @@ export JAXCHAT_BASE_DIR="${JAXCHAT_BASE_DIR:-$HOME/.cache/jaxchat}"
 RUN="${RUN:-dummy}"
 DEPTH="${DEPTH:-24}"
 DRY_RUN="${DRY_RUN:-0}"
+RECIPE="${RECIPE:-head}"
 PROCESS_ID="${JAX_PROCESS_ID:-0}"
 run() { echo "+ $*"; if [ "$DRY_RUN" != 1 ]; then "$@"; fi; }
 host0() { if [ "$PROCESS_ID" = 0 ]; then run "$@"; else echo "(host $PROCESS_ID skips: $*)"; fi; }
@@ -29,7 +32,15 @@ host0 python -m train.tokenizer
 host0 python -m evals.tokenizer
 if [ "$DRY_RUN" != 1 ]; then wait "$DOWNLOAD_PID"; fi
 
-PRETRAIN_FLAGS=(--depth="$DEPTH" --target-param-data-ratio=8 --device-batch-size=16 --run="$RUN")
+if [ "$RECIPE" = bigram ]; then  # the flags of nanochat 412e9a1's runs/speedrun.sh
+  PRETRAIN_FLAGS=(--run="$RUN" --fp8 --depth=22 --num-iterations=11600 --target-param-data-ratio=11
+    --total-batch-size=524288 --scalar-lr=0.3 --bigram-embed-factor=5 --muon-plus --muon-eq=row
+    --core-metric-every=5800 --sample-every=-1)
+elif [ "$RECIPE" = head ]; then
+  PRETRAIN_FLAGS=(--depth="$DEPTH" --target-param-data-ratio=8 --device-batch-size=16 --run="$RUN")
+else
+  echo "RECIPE=$RECIPE: expected head or bigram" >&2; exit 2
+fi
 echo "# the plan the depth dial derives (model, batch, horizon, learning rates):"
 python -m train.pretrain "${PRETRAIN_FLAGS[@]}" --vocab-size=32768 --dry-run
 run python -m train.pretrain "${PRETRAIN_FLAGS[@]}"

@@ -1,7 +1,7 @@
 """Chat with a checkpoint in the terminal (nanochat `scripts/chat_cli.py`).
 
     python -m serve.cli                      # newest SFT checkpoint, multi-turn chat
-    python -m serve.cli -p "Why is the sky blue?"  # one question, one answer, exit
+    python -m serve.cli -p "Why is the sky blue?"  # one question: prints only the answer, exits
     python -m serve.cli -i base -p "The capital of France is"  # a base model just continues the text
 
 Commands in the chat: `quit` / `exit` leave, `clear` starts a new conversation.
@@ -61,11 +61,12 @@ def main(argv=None, input_fn=input) -> None:
     assistant_start = tokenizer.encode_special("<|assistant_start|>")
     chat = args.source != "base"
 
-    print(f"\njaxchat {args.source} model (step {meta.get('step', '?')}), "
-          f"{'chat' if chat else 'text continuation'} mode")
-    print("-" * 50)
-    print("Type 'quit' or 'exit' to end, 'clear' to start over")
-    print("-" * 50)
+    if not args.prompt:  # one-shot output is only the answer, for scripts and pipes
+        print(f"\njaxchat {args.source} model (step {meta.get('step', '?')}), "
+              f"{'chat' if chat else 'text continuation'} mode")
+        print("-" * 50)
+        print("Type 'quit' or 'exit' to end, 'clear' to start over")
+        print("-" * 50)
     conversation = [bos]
     turn = 0
     while True:
@@ -93,7 +94,8 @@ def main(argv=None, input_fn=input) -> None:
                 print(f"(context of {config.sequence_len} tokens is full: starting a new conversation)")
                 conversation = [bos]
             conversation += turn_tokens
-            print("\nAssistant: ", end="", flush=True)
+            if not args.prompt:
+                print("\nAssistant: ", end="", flush=True)
             reply = stream_reply(engine, tokenizer, conversation, args, args.seed + turn)
             # the conversation must close the turn even when the reply ran out of tokens
             if not reply or reply[-1] != engine.assistant_end:
@@ -108,4 +110,6 @@ def main(argv=None, input_fn=input) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from jaxchat.common import run_cli
+
+    run_cli(main)

@@ -8,8 +8,11 @@ in total or `--duration` seconds have passed, then stops; every socket has a tim
     python -m serve.loadtest --url http://127.0.0.1:8000 -c 32 -r 64 --max-tokens 64
 
 Prints e.g. {"concurrency": 32, "requests": 64, "ok": 64, "errors": 0, "ttft_p50_s": ..., "ttft_p95_s": ...,
-"tokens": ..., "tokens_per_sec": ..., ...}: time to first token (request sent -> first token event), aggregate
-tokens/sec (token events over wall time; one event is one decoded piece, about one token), per-stream rate.
+"itl_p50_s": ..., "itl_p95_s": ..., "tokens": ..., "tokens_per_sec": ..., ...}: time to first token (request sent ->
+first token event), inter-token latency (the gaps between a stream's consecutive token events, pooled over all
+streams; the engine sends a chunk's tokens together, so most gaps are ~0 and the p95 shows the chunk period),
+aggregate tokens/sec (token events over wall time; one event is one decoded piece, about one token), per-stream
+rate, and the error count with its kinds.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ PROMPTS = [
 def _one_request(host: str, port: int, body: dict, timeout: float) -> dict:
     """One streaming request; returns {"status", "ttft", "tokens", "seconds", "error"}."""
     t0 = time.perf_counter()
-    out = {"status": None, "ttft": None, "tokens": 0, "seconds": None, "error": None}
+    out = {"status": None, "ttft": None, "tokens": 0, "seconds": None, "error": None, "gaps": []}
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         conn.request("POST", "/chat/completions", body=json.dumps(body).encode(),
@@ -58,8 +61,12 @@ def _one_request(host: str, port: int, body: dict, timeout: float) -> dict:
                 continue
             ev = json.loads(line[6:])
             if "token" in ev:
+                now = time.perf_counter()
                 if out["ttft"] is None:
-                    out["ttft"] = time.perf_counter() - t0
+                    out["ttft"] = now - t0
+                else:
+                    out["gaps"].append(now - last)
+                last = now
                 out["tokens"] += 1
             elif "error" in ev:
                 out["error"] = ev["error"]
@@ -124,13 +131,15 @@ def run_loadtest(url: str, concurrency: int = 32, num_requests: int = 64, durati
     ttft = np.array([r["ttft"] for r in ok if r["ttft"] is not None])
     tokens = sum(r["tokens"] for r in results)
     rates = np.array([r["tokens"] / r["seconds"] for r in ok if r["seconds"]])
+    gaps = np.array([g for r in ok for g in r["gaps"]])
     pct = lambda a, q: round(float(np.percentile(a, q)), 4) if a.size else None  # noqa: E731
     errors = Counter(r["error"] for r in results if r["error"] is not None)
     return {
         "url": url, "concurrency": concurrency, "requests": len(results), "ok": len(ok),
         "errors": sum(errors.values()), "error_kinds": dict(errors.most_common(5)),
         "status_counts": {str(k): v for k, v in Counter(r["status"] for r in results).items()},
-        "ttft_p50_s": pct(ttft, 50), "ttft_p95_s": pct(ttft, 95), "tokens": tokens,
+        "ttft_p50_s": pct(ttft, 50), "ttft_p95_s": pct(ttft, 95), "itl_p50_s": pct(gaps, 50),
+        "itl_p95_s": pct(gaps, 95), "tokens": tokens,
         "tokens_per_sec": round(tokens / wall, 2) if wall > 0 else None,
         "per_stream_tokens_per_sec_p50": pct(rates, 50), "max_tokens": max_tokens, "wall_s": round(wall, 3),
     }

@@ -6,10 +6,14 @@ every token says which document it came from and its position in it.
 
 import json
 import random
+import signal
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from jaxchat.common import UserError
 from jaxchat.dataloader import make_pretrain_loader
 from jaxchat.dataset import parquets_iter_batched, write_shards
 
@@ -229,3 +233,74 @@ def test_with_real_tokenizer_segments_decode_to_documents(tmp_path):
             for s, e in zip(starts[:-1], starts[1:]):
                 text = tok.decode(row[s + 1:e].tolist())
                 assert any(d.startswith(text) for d in docs), text
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Shards with nothing to read, or broken ones: a one-line UserError naming the shard, never a busy loop
+
+class _Hung(Exception):
+    pass
+
+
+def within(seconds, fn):
+    """fn() under a SIGALRM deadline: a loader that busy-loops fails the test instead of hanging the suite."""
+    def on_alarm(signum, frame):
+        raise _Hung(f"still running after {seconds} s")
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return fn()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def first_batch(data_dir, split, **kw):
+    return next(loader(data_dir, B=2, T=16, split=split, **kw))
+
+
+def test_val_shard_with_zero_rows_is_an_error_naming_it(corpus):
+    data_dir, _ = corpus
+    val = sorted(data_dir.glob("*.parquet"))[-1]
+    pq.write_table(pa.table({"text": pa.array([], type=pa.string())}), str(val))
+    with pytest.raises(UserError, match=rf"val split \(0 rows\): {val}.*python -m jaxchat.dataset"):
+        within(10, lambda: first_batch(data_dir, "val"))
+    with pytest.raises(UserError, match="0 rows"):
+        within(10, lambda: first_batch(data_dir, "val", infinite=False))
+
+
+def test_train_shards_of_empty_strings_are_an_error_naming_them(tmp_path):
+    for i in range(2):
+        pq.write_table(pa.table({"text": [""] * 40}), str(tmp_path / f"shard_0000{i}.parquet"), row_group_size=8)
+    pq.write_table(pa.table({"text": ["doc 0 5", "doc 1 7"]}), str(tmp_path / "shard_00002.parquet"))
+    pattern = r"train split \(every document is an empty string\): .*shard_00000.parquet, .*shard_00001.parquet;"
+    with pytest.raises(UserError, match=pattern + ".*python -m jaxchat.dataset"):
+        within(10, lambda: first_batch(tmp_path, "train"))
+    with pytest.raises(UserError, match="empty string"):  # one pass ends too, but it says why rather than stopping
+        within(10, lambda: first_batch(tmp_path, "train", infinite=False))
+    # 7 row groups dealt to 2 processes: process 1 reads 1, 3 and 5 (the first of shard 1, with documents),
+    # process 0 reads 0, 2, 4 and 6 (all empty): the empty share is the error
+    pq.write_table(pa.table({"text": ["doc 2 3"] * 8 + [""] * 8}), str(tmp_path / "shard_00001.parquet"),
+                   row_group_size=8)
+    x, _ = within(10, lambda: first_batch(tmp_path, "train", process_index=1, process_count=2))
+    assert (x == tok_id(2, 0)).any()
+    with pytest.raises(UserError, match="empty string"):
+        within(10, lambda: first_batch(tmp_path, "train", process_index=0, process_count=2))
+
+
+def test_corrupt_shard_says_to_delete_or_rebuild(corpus):
+    data_dir, _ = corpus
+    shard = sorted(data_dir.glob("*.parquet"))[1]
+    shard.write_bytes(b"PAR1" + b"\0" * 64)  # a truncated download
+    with pytest.raises(UserError, match=rf"{shard}: not a readable parquet file.*--force.*delete the file.*-n N"):
+        within(10, lambda: first_batch(data_dir, "train"))
+    shard.unlink()  # as the message says
+    # intact footer, damaged pages: found when the row group is read (in a reader thread)
+    shard = sorted(data_dir.glob("*.parquet"))[0]
+    raw = bytearray(shard.read_bytes())
+    footer = int.from_bytes(raw[-8:-4], "little") + 8
+    for i in range(4, len(raw) - footer):
+        raw[i] ^= 0x5A
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=rf"{shard}: row group 0 is corrupt.*python -m jaxchat.dataset"):
+        within(10, lambda: first_batch(data_dir, "train"))

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jaxchat import corpus, dataset
+from jaxchat.common import UserError
 from jaxchat.dataset import (list_parquet_files, parquets_iter_batched, read_row_group_texts, split_parquet_files,
                              write_shards)
 
@@ -170,7 +171,7 @@ def test_from_text_round_trip(base):
     meta = json.loads(pq.ParquetFile(files[0]).schema_arrow.metadata[b"jaxchat"])
     assert {os.path.basename(s["name"]) for s in meta["sources"]} == {"a.txt", "b.md"}
 
-    with pytest.raises(SystemExit):  # refuses to mix with the existing shards
+    with pytest.raises(UserError, match="already holds.*--force"):  # refuses to mix with the existing shards
         dataset.main(["--from-text", str(src)])
     dataset.main(["--from-text", str(src), "--doc-per-file", "--force"])
     got = [d for s in ("train", "val") for g in parquets_iter_batched(s) for d in g]

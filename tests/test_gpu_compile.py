@@ -119,7 +119,7 @@ def test_optimizer_state_is_sharded_as_gpus_are_added(reports):
 @needs_plugin
 def test_sft_step_and_decode_loop_compile_for_one_h100(reports, gpu_env):
     target = gc.parse_target("h100:1x1")
-    # train.sft's step is the pretraining step (jaxchat.train_loop.jit_train_step) with SFT's data and hparams
+    # train.sft's step is the pretraining step (jaxchat.trainer.build_step) with SFT's data and hparams
     sft = reports(SMALL, "h100:1x1", 4)
     assert sft["fits"] and sft["attention"]["cudnn_bwd"] >= SMALL.n_layer
     jitted, args = gc.build_decode_loop(SMALL, gc.topology_mesh(target), batch_size=32, steps=8)

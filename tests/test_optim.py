@@ -2,7 +2,9 @@
 
 The fixtures hold one `MuonAdamW.step()` of nanochat (compiled kernels, float32 params, bf16 Polar Express) from
 `setup_optimizer(weight_decay=0.2)` for a tiny model (n_layer=3, n_embd=64, n_head=4, n_kv_head=2, vocab 256), in two
-scenarios: `init` (fresh init: output projections zero) and `active` (all weights non-zero).
+scenarios: `init` (fresh init: output projections zero) and `active` (all weights non-zero). nanochat 5019acc has no
+MuonEq / Muon+, so these tests build the optimizer with `muon_eq="none", muon_plus=False`; nanochat HEAD's recipe
+(both on, the default) is checked against its own outputs in tests/test_parity_head.py.
 """
 
 import json
@@ -73,7 +75,7 @@ def opt():
     """The optimizer of nanochat's fixture step (setup_optimizer(weight_decay=0.2), bf16 Polar Express), its Muon
     stacks padded to 8 so they shard over 8 devices, and ONE jitted update shared by the tests (compiles once)."""
     params = load("active")[0]
-    tx = make_optimizer(params, CONFIG, weight_decay=0.2, stack_multiple=8)
+    tx = make_optimizer(params, CONFIG, weight_decay=0.2, stack_multiple=8, muon_eq="none", muon_plus=False)
     return tx, jax.jit(tx.update)
 
 
@@ -159,15 +161,21 @@ def test_state_after_step_matches_nanochat(steps, scenario):
 # ---------------------------------------------------------------------------------------------------------------
 # exact arithmetic: an independent float64 Muon in numpy
 
-def numpy_muon_step(g, p, buf, smb, lr, momentum, wd, beta2, ns_steps=5):
-    """nanochat's Muon step for one (R, C) matrix in float64 (written from the algorithm, for reference)."""
+def numpy_muon_step(g, p, buf, smb, lr, momentum, wd, beta2, ns_steps=5, eq="none", plus=False):
+    """nanochat's Muon step for one (R, C) matrix in float64 (written from the algorithm, for reference); eq / plus
+    add MuonEq (row or column) and Muon+ as nanochat HEAD."""
     rows, cols = g.shape
     buf = buf + (1 - momentum) * (g - buf)
     g = g + momentum * (buf - g)
+    if eq != "none":
+        axis, n = (1, rows) if eq == "row" else (0, cols)
+        g = g * (np.linalg.norm(g) / np.sqrt(n)) / np.maximum(np.linalg.norm(g, axis=axis, keepdims=True), 1e-6)
     x = g / (np.linalg.norm(g) * 1.01 + 1e-6)
     for a, b, c in POLAR_EXPRESS_COEFFS[:ns_steps]:  # X -> a X + (b A + c A^2) X, A = X X^T, same for tall
         gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x
+    if plus:
+        x = x * np.sqrt(min(rows, cols)) / max(np.linalg.norm(x), 1e-6)
     axis = 1 if rows >= cols else 0
     v = (x ** 2).mean(axis=axis, keepdims=True)
     smb = smb + (1 - beta2) * (v - smb)
@@ -177,12 +185,14 @@ def numpy_muon_step(g, p, buf, smb, lr, momentum, wd, beta2, ns_steps=5):
     return p - lr * u - lr * wd * p * ((u * p) >= 0), buf, smb
 
 
-def test_muon_float32_matches_float64_reference_and_beats_bf16():
+@pytest.mark.parametrize("eq, plus", [("none", False), ("row", True), ("col", False)])
+def test_muon_float32_matches_float64_reference_and_beats_bf16(eq, plus):
     """Two steps (so momentum and second moment carry over) on the active fixture's matrices with changed
-    hyperparameters in between: float32 Polar Express equals the float64 math; bf16 is clearly further off."""
+    hyperparameters in between: float32 Polar Express equals the float64 math; bf16 is clearly further off. For
+    5019acc's Muon, HEAD's (MuonEq row + Muon+) and the column variant of MuonEq."""
     params, grads, _, _ = load("active")
     rng = np.random.default_rng(0)
-    update = jax.jit(muon_update_stacked, static_argnames=("ns_steps", "ns_dtype"))
+    update = jax.jit(muon_update_stacked, static_argnames=("ns_steps", "ns_dtype", "muon_eq", "muon_plus"))
     for path in ("h/0/mlp/c_fc", "h/1/mlp/c_proj"):  # tall (R > C) and wide: both Gram forms, both NorMuon axes
         p = np.asarray(flat(params)[path], np.float64)[None]
         gs = [np.asarray(flat(grads)[path], np.float64)[None]]
@@ -192,14 +202,14 @@ def test_muon_float32_matches_float64_reference_and_beats_bf16():
         smb_shape = (1, rows, 1) if rows >= cols else (1, 1, cols)
         ref_p, ref_buf, ref_smb = p[0], np.zeros(p.shape[1:]), np.zeros(smb_shape[1:])
         for g, (lr, mom, wd) in zip(gs, hps):
-            ref_p, ref_buf, ref_smb = numpy_muon_step(g[0], ref_p, ref_buf, ref_smb, lr, mom, wd, 0.9)
+            ref_p, ref_buf, ref_smb = numpy_muon_step(g[0], ref_p, ref_buf, ref_smb, lr, mom, wd, 0.9, eq=eq, plus=plus)
         errs = {}
         for dtype in (jnp.float32, jnp.bfloat16):
             cur, buf, smb = (jnp.asarray(p, jnp.float32), jnp.zeros(p.shape, jnp.float32),
                              jnp.zeros(smb_shape, jnp.float32))
             for g, (lr, mom, wd) in zip(gs, hps):
                 u, buf, smb = update(jnp.asarray(g, jnp.float32), cur, buf, smb, learning_rate=lr, momentum=mom,
-                                     weight_decay=wd, beta2=0.9, ns_dtype=dtype)
+                                     weight_decay=wd, beta2=0.9, ns_dtype=dtype, muon_eq=eq, muon_plus=plus)
                 cur = cur + u
             delta, ref_delta = np.asarray(cur[0], np.float64) - p[0], ref_p - p[0]
             errs[dtype] = np.linalg.norm(delta - ref_delta) / np.linalg.norm(ref_delta)

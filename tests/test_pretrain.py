@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from jaxchat import checkpoint as ckpt
+from jaxchat.common import UserError
 from train import bench, pretrain
 
 # A tiny model on synthetic tokens: d2, n_embd 64, seq 32, vocab 256; 2 rows x 32 tokens x 8 devices = 512 tokens
@@ -32,14 +33,14 @@ NANOCHAT = {
 def _dry_run(capsys, argv):
     pretrain.main(argv + ["--dry-run"])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 1, lines
-    return json.loads(lines[0])
+    assert lines[0].startswith("recipe") and not any(line.startswith("{") for line in lines[:-1]), lines
+    return json.loads(lines[-1])
 
 
 @pytest.mark.parametrize("depth", sorted(NANOCHAT))
 def test_dry_run_plan_equals_nanochat(capsys, depth):
     n_embd, n_head, total, flops, scaling, batch, iters, wd, lr_scale, accum = NANOCHAT[depth]
-    plan = _dry_run(capsys, [f"--depth={depth}", "--vocab-size=32768"])
+    plan = _dry_run(capsys, [f"--depth={depth}", "--vocab-size=32768", "--target-param-data-ratio=10.5"])
     cfg = plan["model_config"]
     assert (cfg["n_embd"], cfg["n_head"], cfg["n_kv_head"], cfg["n_layer"]) == (n_embd, n_head, n_head, depth)
     assert (cfg["sequence_len"], cfg["vocab_size"], cfg["window_pattern"]) == (2048, 32768, "SSSL")
@@ -67,9 +68,12 @@ def test_dry_run_needs_no_tokenizer_and_honours_horizon_flags(capsys):
     assert plan["num_iterations"] == round(1e18 / (759695904 * 524288))
     plan = _dry_run(capsys, ["--depth=4", "--head-dim=96", "--aspect-ratio=50"])  # 200 -> rounded up to 288
     assert (plan["model_config"]["n_embd"], plan["model_config"]["n_head"]) == (288, 3)
+    assert plan["recipe"] == "head" and (plan["muon_eq"], plan["muon_plus"]) == ("row", True)
+    plan = _dry_run(capsys, ["--depth=4", "--muon-eq=none", "--no-muon-plus"])
+    assert (plan["recipe"], plan["muon_eq"], plan["muon_plus"]) == ("5019acc", "none", False)
     plan = _dry_run(capsys, ["--depth=12", "--total-batch-size=1000"])
     assert plan["grad_accum_steps"] is None and "--total-batch-size=1000 is not a multiple" in plan["error"]
-    with pytest.raises(ValueError, match="--total-batch-size=1000 is not a multiple"):
+    with pytest.raises(UserError, match="--total-batch-size=1000 is not a multiple"):
         pretrain.main(TINY + ["--total-batch-size=1000"])
 
 
@@ -98,8 +102,8 @@ def test_resume_after_kill_gives_identical_losses_and_tensorboard(tmp_path, caps
     assert sorted(loss_a) == [0, 1, 2, 3, 4, 5]
     np.testing.assert_allclose([loss_a[s] for s in range(6)], [full["losses"][s] for s in range(6)], rtol=1e-6)
     assert sorted(_scalars(runs_a, "val/bpb")) == [0, 3, 6]
-    assert {"train/loss", "train/lrm", "train/dt", "train/tok_per_sec", "train/mfu"} <= set(
-        _tags(runs_a))
+    assert {"train/loss", "train/lrm", "train/dt", "train/tok_per_sec"} <= set(_tags(runs_a))
+    assert "train/mfu" not in _tags(runs_a) and "| mfu: n/a |" in out  # CPU: no known peak FLOP/s, so no MFU
 
     # A run killed while saving step 6: step 3 is complete, step 6 only an orbax temporary directory.
     dir_b = os.path.join(base, "base_checkpoints", "b")
@@ -130,20 +134,97 @@ def _tags(run_dir):
     return acc.Tags()["scalars"]
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint():
+def test_divergence_keeps_the_last_truly_good_step():
+    """--final-lr-frac=1e30: the update of step 7 explodes the weights. Step 8 is a save step whose own training
+    loss (step 7's, measured before that update) is still fine: the probe of step 8's weights refuses it."""
     base = os.environ["JAXCHAT_BASE_DIR"]
-    # An absurd final LR fraction blows the weights up as soon as the warmdown starts (step 5 of 8).
-    flags = TINY + ["--num-iterations=8", "--save-every=2", "--eval-every=-1", "--warmdown-ratio=0.4",
+    flags = TINY + ["--num-iterations=10", "--save-every=4", "--eval-every=-1", "--warmdown-ratio=0.4",
                     "--final-lr-frac=1e30", "--model-tag=nan"]
-    with pytest.raises(FloatingPointError, match="last good checkpoint is step"):
+    with pytest.raises(FloatingPointError, match="step 8 breaks the checkpoint rule.*last good checkpoint is step 4"):
         pretrain.main(flags)
     ckpt_dir = os.path.join(base, "base_checkpoints", "nan")
-    steps = ckpt.list_steps(ckpt_dir)
-    assert steps and steps[-1] < 8
+    assert ckpt.list_steps(ckpt_dir) == [4]
     config, params, meta = ckpt.load_model(ckpt_dir)
-    assert config.n_layer == 2 and meta["step"] == steps[-1]
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+    assert config.n_layer == 2 and meta["step"] == 4
+    # truly good: the weights are of init scale, not merely finite
+    assert max(float(np.max(np.abs(np.asarray(x)))) for x in jax.tree.leaves(params)) < 10
     assert not os.path.exists(os.path.join(base, "runs"))  # --run=dummy (default): no TensorBoard
+
+
+def test_existing_tag_is_refused_without_resume_or_overwrite():
+    flags = TINY + ["--num-iterations=2", "--eval-every=-1", "--model-tag=same"]
+    first = pretrain.main(flags)
+    with pytest.raises(UserError, match=r"already holds steps \[2\].*--resume-from-step=latest.*--overwrite"):
+        pretrain.main(flags)
+    again = pretrain.main(flags + ["--overwrite"])
+    assert again["losses"] == first["losses"] and ckpt.list_steps(first["checkpoint_dir"]) == [2]
+    with pytest.raises(UserError, match=r"--resume-from-step=7: .* has steps \[2\]"):
+        pretrain.main(flags + ["--resume-from-step=7"])
+    with pytest.raises(UserError, match="differs from the flags.*vocab_size: 256 in the checkpoint, 512 now"):
+        pretrain.main([f for f in flags if f != "--vocab-size=256"] + ["--vocab-size=512", "--resume-from-step=latest"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# interrupted runs in a child process: kill -9 and SIGTERM, then resume here
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_child(module: str, argv: list[str], pattern: str, sig: int, prelude: str = "") -> tuple[str, int]:
+    """Run `module.main(argv)` in a child process, send `sig` once a stdout line matches `pattern`, and return
+    (all output, exit status). `prelude` is Python run first (e.g. a monkeypatch)."""
+    import re
+    import subprocess
+    import sys
+
+    code = f"import sys\n{prelude}\nfrom jaxchat.common import run_cli\nfrom {module} import main\nrun_cli(main, sys.argv[1:])"
+    env = dict(os.environ, JAXCHAT_NO_REEXEC="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-c", code, *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if re.search(pattern, line):
+                proc.send_signal(sig)
+                break
+        rest = proc.communicate(timeout=600)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return "".join(lines) + rest, proc.returncode
+
+
+def assert_same_params(dir_a: str, dir_b: str, step: int) -> None:
+    _, pa, _ = ckpt.load_model(dir_a, step)
+    _, pb, _ = ckpt.load_model(dir_b, step)
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("sig", [9, 15], ids=["kill-9", "SIGTERM"])
+def test_interrupted_run_resumes_exactly(sig):
+    import signal
+    flags = TINY + ["--num-iterations=16", "--save-every=4", "--eval-every=8"]
+    full = pretrain.main(flags + ["--model-tag=full"])
+    out, rc = run_child("train.pretrain", flags + ["--model-tag=cut"], r"^Saved checkpoint step 4 ", sig)
+    cut_dir = os.path.join(os.environ["JAXCHAT_BASE_DIR"], "base_checkpoints", "cut")
+    steps = ckpt.list_steps(cut_dir)
+    if sig == signal.SIGKILL:
+        assert rc == -9 and 4 <= steps[-1] < 16, (rc, steps)
+    else:  # saved at the next step boundary, exited cleanly, saying how to resume
+        import re
+        stopped = re.search(r"Stopped by SIGTERM at step (\d+); resume with --resume-from-step=latest", out)
+        assert rc == 0 and stopped, out[-2000:]
+        assert int(stopped.group(1)) == steps[-1] >= 4, (stopped.group(0), steps)
+    with pytest.raises(UserError, match="already holds steps"):
+        pretrain.main(flags + ["--model-tag=cut"])
+    resumed = pretrain.main(flags + ["--model-tag=cut", "--resume-from-step=latest"])
+    first = steps[-1]
+    assert sorted(resumed["losses"]) == list(range(first, 16))
+    assert all(resumed["losses"][s] == full["losses"][s] for s in range(first, 16))  # exactly equal
+    assert resumed["val_bpb"][16] == full["val_bpb"][16]
+    assert_same_params(full["checkpoint_dir"], cut_dir, 16)
 
 
 def test_bench_prints_one_json_line(capsys):

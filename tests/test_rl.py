@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from train.rl import compute_advantages, pass_at_k, pg_loss, pg_row_weights, rollout_batch, seq_bucket
+from jaxchat.policy_gradient import compute_advantages, pass_at_k, pg_loss, pg_row_weights, rollout_batch, seq_bucket
 
 GSM_ROWS = [
     {"question": "Tom has 3 apples and buys 2 more. How many apples does he have?",
@@ -142,7 +142,7 @@ def test_base_sft_rl_end_to_end(tmp_path, monkeypatch, gsm_file):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(runs))
 
     params, cfg, tokenizer, meta = load_model_from("rl", "d2")
-    assert meta["step"] == 1
+    assert meta["step"] == 2  # checkpoint steps count updates: the params after both steps
     moved = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                 for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(before)))
     assert moved > 0
@@ -157,3 +157,42 @@ def test_rl_flags_are_checked():
         rl_args = ["--num-samples=6", "--device-batch-size=4"]
         from train.rl import parse_args
         parse_args(rl_args)
+
+
+REWARD_PATCH = ("from evals.tasks.gsm8k import GSM8K\n"
+                "GSM8K.reward = lambda self, conv, text: float(len(text) % 2 == 0)")
+
+
+def test_rl_killed_mid_run_resumes_exactly(tmp_path, monkeypatch, gsm_file):
+    """A random policy never answers; REWARD_PATCH rewards even-length completions so the gradient is not zero."""
+    from evals.tasks.gsm8k import GSM8K
+    from jaxchat import checkpoint as ckpt
+    from jaxchat import model as gpt
+    from jaxchat.common import get_base_dir
+    from jaxchat.tokenizer import Tokenizer
+    from tests.test_pretrain import assert_same_params, run_child
+    from tests.test_sft import IDENTITY
+    from train import rl
+
+    with open(IDENTITY, encoding="utf-8") as f:
+        texts = [line for line in f] + [r["question"] + r["answer"] for r in GSM_ROWS] * 3
+    tok = Tokenizer.train_from_iterator(texts, 300)
+    tok.save(os.path.join(get_base_dir(), "tokenizer"))
+    config = gpt.GPTConfig(sequence_len=128, vocab_size=300, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+    ckpt.save_checkpoint(ckpt.checkpoint_dir("sft", "d2"), 1, gpt.init_params(config, jax.random.key(0)), config,
+                         {"tokenizer_fingerprint": tok.fingerprint()})
+    monkeypatch.setattr(GSM8K, "reward", lambda self, conv, text: float(len(text) % 2 == 0))
+    flags = [f"--task-file={gsm_file}", "--model-tag=d2", "--device-batch-size=2", "--num-samples=4",
+             "--examples-per-step=2", "--max-new-tokens=8", "--eval-every=-1", "--num-epochs=3", "--save-every=2",
+             "--top-k=20", "--init-lr-frac=1.0"]
+    full = rl.main(flags + ["--output-tag=full"])
+    assert full["steps"] == 6 and any(abs(v) > 0 for v in full["losses"])
+    out, rc = run_child("train.rl", flags + ["--output-tag=cut"], r"^Saved checkpoint step 2 ", 9, REWARD_PATCH)
+    cut_dir = ckpt.checkpoint_dir("rl", "cut")
+    steps = ckpt.list_steps(cut_dir)
+    assert rc == -9 and 2 <= steps[-1] < 6, (rc, steps, out[-2000:])
+    resumed = rl.main(flags + ["--output-tag=cut", "--resume-from-step=latest"])
+    assert sorted(resumed["evals"]) == [] and len(resumed["losses"]) == 6 - steps[-1]
+    assert resumed["losses"] == full["losses"][steps[-1]:]  # exactly equal
+    assert resumed["rewards"] == full["rewards"][steps[-1]:]
+    assert_same_params(full["checkpoint_dir"], cut_dir, 6)

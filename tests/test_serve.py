@@ -247,7 +247,7 @@ def test_wrong_content_type_nan_and_lone_surrogate(tok):
     assert c.get("/chat/completions").status_code == 405
     assert c.get("/nope").get_json()["error"]
     assert eng.calls == []
-    assert app.extensions["jaxchat_stats"].requests_invalid == 3
+    assert app.extensions["jaxchat_stats"].requests_invalid == 4  # the 413 counts too
 
 
 def test_context_limit(tok):
@@ -410,6 +410,8 @@ def test_many_concurrent_clients_on_real_server(tok):
     assert summary["status_counts"] == {"200": 64}
     assert summary["tokens"] == 64 * len("concurrent reply é😀")
     assert summary["ttft_p50_s"] is not None and summary["ttft_p95_s"] >= summary["ttft_p50_s"]
+    # the fake engine sleeps 1 ms per token; events can reach a busy client together, so only the p95 must show it
+    assert 0 <= summary["itl_p50_s"] <= summary["itl_p95_s"] and summary["itl_p95_s"] >= 0.001
     assert sum(len(e.calls) for e in engines) == 64 and all(e.calls for e in engines)  # spread over replicas
     assert pool.available == 4
 
@@ -478,11 +480,11 @@ def test_main_serves_a_real_checkpoint(tok, tmp_path, monkeypatch):
     monkeypatch.setattr(werkzeug.serving, "run_simple", lambda host, port, app, **kw: served.update(
         host=host, port=port, app=app, **kw))
     n = min(2, len(jax.devices()))
-    serve_app.main(["-i", "sft", "-p", "8123", "--num-devices", str(n), "-m", "8"])
+    serve_app.main(["-i", "sft", "-p", "8123", "--num-devices", str(n), "-m", "8", "--max-batch", "2"])
     assert (served["host"], served["port"], served["threaded"]) == ("127.0.0.1", 8123, True)
     c = served["app"].test_client()
     assert c.get("/health").get_json() == {"status": "ok", "ready": True, "model": "sft/d1@3", "replicas": n,
-                                           "available": n}
+                                           "available": 2 * n}  # two slots per replica
     replicas_used = set()
     for _ in range(2):
         r = post(c, {**user("hello world"), "temperature": 0.0})
@@ -492,9 +494,236 @@ def test_main_serves_a_real_checkpoint(tok, tmp_path, monkeypatch):
         assert all(isinstance(e["token"], str) and e["token"] for e in evs[:-1])
         replicas_used |= {e["gpu"] for e in evs[:-1]}
     stats = c.get("/stats").get_json()
-    assert stats["requests_served"] == 2 and stats["available"] == n and stats["tokens_generated"] <= 16
+    assert stats["requests_served"] == 2 and stats["available"] == 2 * n and stats["tokens_generated"] <= 16
+    assert (stats["slots"], stats["slots_free"], stats["slots_busy"], stats["engine_queue"]) == (2 * n, 2 * n, 0, 0)
     # greedy decoding of a random model either stops at once or emits tokens; when it emits, the pool's FIFO order
     # sends the two requests to different replicas
     if stats["tokens_generated"] and n == 2:
         assert replicas_used == {0, 1}
     assert post(c, user("x" * 200)).status_code == 400  # longer than the model's 64-token context
+
+
+# ------------------------------------------------------------------------------------- hardening (issue 17 section 3)
+
+def test_deeply_nested_json_is_400_not_500(tok):
+    app, _, (eng,) = make(tok)
+    c = app.test_client()
+    for path in ("/chat/completions", "/v1/chat/completions"):
+        r = c.post(path, data="[" * 100_000, content_type="application/json")
+        assert r.status_code == 400, r.get_data()[:200]
+        message = r.get_json()["error"] if path[1] == "c" else r.get_json()["error"]["message"]
+        assert "nested too deeply" in message
+    assert eng.calls == []
+
+
+def test_huge_integer_max_tokens_is_400_with_reason(tok):
+    app, _, (eng,) = make(tok)
+    c = app.test_client()
+    body = '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": %s}' % ("9" * 400)
+    for path in ("/chat/completions", "/v1/chat/completions"):
+        r = c.post(path, data=body, content_type="application/json")
+        assert r.status_code == 400
+        assert "max_tokens" in json.dumps(r.get_json())
+    r = c.post("/chat/completions", data=body.replace("9" * 400, "-" + "9" * 400), content_type="application/json")
+    assert r.status_code == 400
+    assert eng.calls == []
+
+
+def test_oversized_chunked_body_is_413_on_real_server(tok):
+    app, pool, (eng,) = make(tok)
+    server, _ = serve_in_thread(app)
+    try:
+        for path in ("/chat/completions", "/v1/chat/completions"):
+            conn = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=30)
+            piece = b'{"messages": [{"role": "user", "content": "' + b"x" * 65536
+            chunks = [piece] + [b"x" * 65536] * (serve_app.MAX_BODY_BYTES // 65536 + 2)
+            conn.request("POST", path, body=iter(chunks), encode_chunked=True,
+                         headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+            resp = conn.getresponse()
+            assert resp.status == 413, (resp.status, resp.read()[:200])
+            resp.read()
+            conn.close()
+        # a small chunked body is served as usual
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=30)
+        conn.request("POST", "/chat/completions", body=iter([json.dumps(user()).encode()]), encode_chunked=True,
+                     headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and parse_events(resp.read())[-1] == {"done": True}
+        conn.close()
+    finally:
+        server.shutdown()
+    assert len(eng.calls) == 1
+
+
+def test_user_content_cannot_forge_log_lines(tok, caplog):
+    app, _, _ = make(tok)
+    caplog.set_level(logging.INFO, logger="jaxchat.serve")
+    forged = "hi\n2026-12-01 12:00:00 INFO jaxchat.serve: [deadbeef] [ADMIN] forged\r\u2028\x1b[31m\\n"
+    post(app.test_client(), user(forged)).get_data()
+    msgs = [r.getMessage() for r in caplog.records]
+    assert all("\n" not in m and "\r" not in m and "\u2028" not in m and "\x1b" not in m for m in msgs)
+    line = next(m for m in msgs if "[USER]" in m)
+    assert line.endswith("[USER] hi\\n2026-12-01 12:00:00 INFO jaxchat.serve: [deadbeef] [ADMIN] forged\\r\\u2028"
+                         "\\u001b[31m\\\\n")
+
+
+def test_main_runs_under_run_cli():
+    src = open(serve_app.__file__, encoding="utf-8").read()
+    assert src.rstrip().endswith("run_cli(main)")
+
+
+# ------------------------------------------------------------------------------------------ OpenAI-compatible API
+
+def test_openai_system_message_rendered_as_nanochat(tok):
+    app, _, (eng,) = make(tok)
+    c = app.test_client()
+    msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": "hi!"}, {"role": "user", "content": "the fox"}]
+    r = c.post("/v1/chat/completions", json={"model": "fake/d0", "messages": msgs})
+    assert r.status_code == 200
+    want = tok.render_for_completion({"messages": msgs + [{"role": "assistant", "content": ""}]})
+    merged = [{"role": "user", "content": "You are terse.\n\nhello"}] + msgs[2:]
+    assert eng.calls[0]["tokens"] == render_prompt(tok, merged) == want
+    out = r.get_json()
+    assert out["object"] == "chat.completion" and out["id"].startswith("chatcmpl-") and out["model"] == "fake/d0"
+    assert out["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "Hello there!"},
+                               "logprobs": None, "finish_reason": "length"}]
+    assert out["usage"] == {"prompt_tokens": len(want), "completion_tokens": 12, "total_tokens": len(want) + 12}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_stop_strings_and_finish_reasons(tok, stream):
+    script = byte_ids("Hello there! General") + [tok.encode_special("<|assistant_end|>")]
+    app, _, (eng,) = make(tok, script=script)
+    c = app.test_client()
+
+    def ask(**kw):
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "stream": stream,
+                                                  **kw})
+        assert r.status_code == 200
+        if not stream:
+            ch = r.get_json()["choices"][0]
+            return ch["message"]["content"], ch["finish_reason"]
+        events = r.get_data(as_text=True).split("\n\n")
+        assert events[-2] == "data: [DONE]"
+        chunks = [json.loads(e[6:]) for e in events[:-2]]
+        text = "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks)
+        reasons = [ch["choices"][0]["finish_reason"] for ch in chunks if ch["choices"][0]["finish_reason"]]
+        assert len(reasons) == 1
+        return text, reasons[0]
+
+    assert ask() == ("Hello there! General", "stop")  # <|assistant_end|>
+    assert ask(stop="there") == ("Hello ", "stop")
+    assert ask(stop=["zzz", "! G"]) == ("Hello there", "stop")  # a stop string over several tokens
+    assert ask(stop=["Generalissimo"]) == ("Hello there! General", "stop")  # a held-back prefix is flushed
+    assert ask(max_tokens=5) == ("Hello", "length")
+
+
+OPENAI_BAD = [
+    ({"temperature": 3}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"n": 0}, "n"),
+    ({"n": 9}, "n"), ({"seed": "x"}, "seed"), ({"stop": ["a"] * 5}, "stop"), ({"stop": 5}, "stop"),
+    ({"stream": "yes"}, "stream"), ({"max_completion_tokens": 0}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}, "messages"),
+    ({"messages": [{"role": "system", "content": "b"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages"),
+]
+
+
+@pytest.mark.parametrize("change,param", OPENAI_BAD, ids=[f"{i}-{p}" for i, (_, p) in enumerate(OPENAI_BAD)])
+def test_openai_errors_have_openai_shape(tok, change, param):
+    app, pool, (eng,) = make(tok)
+    r = app.test_client().post("/v1/chat/completions", json={**user(), **change})
+    assert r.status_code == 400
+    err = r.get_json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+    assert err["param"] == param and err["message"]
+    assert eng.calls == [] and pool.available == 1
+
+
+def test_openai_not_found_busy_and_models(tok):
+    app, pool, _ = make(tok, n=1, max_queue=0)
+    c = app.test_client()
+    r = c.get("/v1/nope")
+    assert r.status_code == 404 and r.get_json()["error"]["code"] == "not_found"
+    assert c.get("/v1/models").get_json() == {"object": "list", "data": [
+        {"id": "fake/d0", "object": "model", "created": int(app.extensions["jaxchat_stats"].started),
+         "owned_by": "jaxchat"}]}
+    assert c.get("/v1/models/other").status_code == 404
+    first = c.post("/v1/chat/completions", json={**user(), "stream": True}, buffered=False)
+    busy = c.post("/v1/chat/completions", json=user())
+    assert busy.status_code == 503 and busy.get_json()["error"]["type"] == "server_error"
+    assert busy.headers["Retry-After"] == "5"
+    first.get_data()
+    first.close()
+    assert pool.available == 1
+
+
+def _tiny_real_app(tok, max_batch):
+    """serve.app over a real BatchEngine: a 1-layer random model on the fixture's tokenizer, its zero-initialised
+    output projections filled so it emits varied tokens."""
+    import jax
+
+    from jaxchat.model import GPTConfig, init_params
+
+    config = GPTConfig(sequence_len=128, vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2, n_kv_head=2,
+                       n_embd=32, window_pattern="L")
+    params = init_params(config, jax.random.PRNGKey(0))
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    params = jax.tree_util.tree_unflatten(treedef, [
+        0.5 * jax.random.normal(k, x.shape, x.dtype) if x.ndim == 2 and not x.any() else x
+        for k, x in zip(keys, leaves)])
+    workers = serve_app.build_workers(params, config, tok, 1, max_batch=max_batch, decode_chunk=8)
+    pool = WorkerPool(workers, max_queue=16)
+    return create_app(pool, tok, Defaults(model="tiny/d1", max_context=128)), pool
+
+
+def test_official_openai_client_against_live_server(tok):
+    openai = pytest.importorskip("openai", reason="pip install openai (a dev dependency)")
+    app, pool = _tiny_real_app(tok, max_batch=4)
+    server, url = serve_in_thread(app)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list()] == ["tiny/d1"]
+        msgs = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "hello world"}]
+        kw = dict(model="tiny/d1", messages=msgs, temperature=0, max_tokens=12)
+        full = client.chat.completions.create(**kw)
+        assert full.object == "chat.completion" and full.model == "tiny/d1" and full.id.startswith("chatcmpl-")
+        (choice,) = full.choices
+        assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+        assert choice.finish_reason in ("stop", "length")
+        merged = [{"role": "user", "content": "Answer briefly.\n\nhello world"}]
+        assert full.usage.prompt_tokens == len(render_prompt(tok, merged))
+        assert 0 <= full.usage.completion_tokens <= 12
+        assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+
+        chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+        assert all(ch.object == "chat.completion.chunk" and ch.id == chunks[0].id for ch in chunks)
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert text == choice.message.content  # streamed == non-streamed at temperature 0
+        reasons = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+        assert reasons == [choice.finish_reason]
+        assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+        many = client.chat.completions.create(**kw, n=3)  # three slots, greedy: three equal choices
+        assert [c.index for c in many.choices] == [0, 1, 2]
+        assert all(c.message.content == choice.message.content for c in many.choices)
+        sampled = client.chat.completions.create(model="tiny/d1", messages=msgs, temperature=1.5, n=2, seed=3,
+                                                 max_tokens=12, stream=True)
+        per_choice = {}
+        for ch in sampled:
+            for c in ch.choices:
+                per_choice.setdefault(c.index, []).append(c.delta.content or "")
+        assert set(per_choice) == {0, 1}
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny/d1", messages=msgs, temperature=5)
+        assert e.value.status_code == 400 and "temperature" in str(e.value)
+        for _ in range(200):  # the last stream's server side ends just after the client read [DONE]
+            stats = json.loads(_get(server.server_port, "/stats"))
+            if stats["requests_served"] == 4:
+                break
+            time.sleep(0.02)
+        assert stats["slots"] == 4 and stats["slots_free"] == 4 and stats["requests_served"] == 4, stats
+        assert stats["tokens_per_sec_recent"] >= 0
+    finally:
+        server.shutdown()

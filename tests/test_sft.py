@@ -252,7 +252,28 @@ def test_missing_dataset_is_named(tmp_path, monkeypatch, tok):
 
     make_base(tmp_path, tok)
     monkeypatch.setenv("JAXCHAT_WORD_LIST", str(tmp_path / "nope.txt"))
-    with pytest.raises(SystemExit, match="(?s)simplespelling.*wamerican"):
+    from jaxchat.common import UserError
+    with pytest.raises(UserError, match="simplespelling.*wamerican"):
         sft.main(["--mixture=identity,simplespelling", "--num-iterations=1", "--chatcore-every=-1"])
     with pytest.raises(SystemExit):
         sft.parse_args(["--mixture=identity,bogus"])
+
+
+def test_sft_killed_mid_run_resumes_exactly(tmp_path, monkeypatch, tok):
+    from jaxchat import checkpoint as ckpt
+    from tests.test_pretrain import assert_same_params, run_child
+    from train import sft
+
+    monkeypatch.setenv("JAXCHAT_WORD_LIST", make_base(tmp_path, tok)[1])
+    flags = ["--mixture=identity,simplespelling", "--num-iterations=12", "--eval-every=6", "--eval-tokens=2048",
+             "--chatcore-every=-1", "--simple-spelling-size=300", "--model-tag=d2", "--save-every=3"]
+    full = sft.main(flags + ["--output-tag=full"])
+    out, rc = run_child("train.sft", flags + ["--output-tag=cut"], r"^Saved checkpoint step 3 ", 9)
+    cut_dir = ckpt.checkpoint_dir("sft", "cut")
+    steps = ckpt.list_steps(cut_dir)
+    assert rc == -9 and 3 <= steps[-1] < full["step"], (rc, steps, out[-2000:])
+    resumed = sft.main(flags + ["--output-tag=cut", "--resume-from-step=latest"])
+    assert resumed["step"] == full["step"] and sorted(resumed["losses"]) == list(range(steps[-1], full["step"]))
+    assert all(resumed["losses"][s] == full["losses"][s] for s in resumed["losses"])  # exactly equal
+    assert resumed["val_bpb"][full["step"]] == full["val_bpb"][full["step"]]
+    assert_same_params(full["checkpoint_dir"], cut_dir, full["step"])

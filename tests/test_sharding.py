@@ -1,5 +1,7 @@
 """Mesh, rule tables, sharded Muon, and the sharded train step equal to the one-device one."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxchat import model as gpt
 from jaxchat import sharding as shd
-from jaxchat import train_loop as tl
+from jaxchat import trainer as tl
 from jaxchat.muon import muon_update_stacked
 from jaxchat.optim import make_optimizer
 
@@ -95,7 +97,10 @@ def _run(devices, fsdp: int, micro_steps: int, rows: int, sharded: bool, steps: 
     b_sh = shd.batch_sharding(mesh, 3)
     params = jax.jit(_init, out_shardings=p_sh)(jax.random.key(0))
     opt_state = jax.jit(tx.init, out_shardings=o_sh)(params)
-    step = tl.jit_train_step(CONFIG, tx, p_sh, o_sh, b_sh)
+    rep = shd.replicated(mesh)
+    step = jax.jit(functools.partial(tl.train_step, config=CONFIG, optimizer=tx, loss_fn=gpt.loss_fn, weighted=False),
+                   in_shardings=(p_sh, o_sh, {"inputs": b_sh, "targets": b_sh}, rep), out_shardings=(p_sh, o_sh, rep),
+                   donate_argnums=(0, 1))
     loader = tl.SyntheticLoader(2 * rows, CONFIG.sequence_len, CONFIG.vocab_size, seed=3)
     losses = []
     for i in range(steps):
@@ -103,7 +108,8 @@ def _run(devices, fsdp: int, micro_steps: int, rows: int, sharded: bool, steps: 
         x = x.reshape(micro_steps, -1, x.shape[-1])
         y = y.reshape(micro_steps, -1, y.shape[-1])
         hp = tl.hparams_array(1.0 - 0.1 * i, 0.9, 0.1)
-        params, opt_state, loss = step(params, opt_state, jax.device_put(x, b_sh), jax.device_put(y, b_sh), hp)
+        batch = {"inputs": jax.device_put(x, b_sh), "targets": jax.device_put(y, b_sh)}
+        params, opt_state, loss = step(params, opt_state, batch, hp)
         losses.append(float(loss))
     if sharded:
         mb = next(v for p, v in jax.tree_util.tree_flatten_with_path(opt_state)[0]

@@ -332,12 +332,21 @@ def test_loads_pickled_tiktoken_encoding(tok, tmp_path):
         Tokenizer.from_directory(str(tmp_path))
 
 
-def test_missing_tokenizer_message(tmp_path, monkeypatch):
+def test_missing_or_corrupt_tokenizer_is_a_user_error(tmp_path, monkeypatch):
+    """A user error (one line from `run_cli`) naming the path and the command; still the builtin types."""
+    from jaxchat.common import UserError
+
     monkeypatch.setenv("JAXCHAT_BASE_DIR", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="python -m train.tokenizer"):
-        get_tokenizer()
-    with pytest.raises(FileNotFoundError, match="python -m train.tokenizer"):
-        get_token_bytes()
+    path = tmp_path / "tokenizer" / "tokenizer.pkl"
+    for load in (get_tokenizer, get_token_bytes):
+        with pytest.raises(FileNotFoundError, match="python -m train.tokenizer") as e:
+            load()
+        assert isinstance(e.value, UserError) and str(tmp_path / "tokenizer") in str(e.value)
+    path.parent.mkdir()
+    for payload in (pickle.dumps({"pat_str": "x"})[:-3], b"not a pickle at all", pickle.dumps(["a list"])):
+        path.write_bytes(payload)
+        with pytest.raises(UserError, match=rf"{path}: .*python -m train.tokenizer"):
+            get_tokenizer()
 
 
 # ---------------------------------------------------------------------------------------------- scripts

@@ -19,7 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
-from jaxchat.tokenizer import Tokenizer
+from jaxchat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 SANITY_TEXT = """Hello world! This is a test.
 Numbers: 123, 4567, 89
@@ -37,6 +37,8 @@ def shard_documents() -> Iterator[str]:
 
 
 def _input_files(paths: list[str]) -> list[str]:
+    from jaxchat.common import MissingInputError  # lazy: importing common imports jax
+
     files = []
     for p in paths:
         if os.path.isdir(p):
@@ -45,9 +47,9 @@ def _input_files(paths: list[str]) -> list[str]:
         elif os.path.isfile(p):
             files.append(p)
         else:
-            raise FileNotFoundError(f"--input {p}: no such file or directory")
+            raise MissingInputError(f"--input {p}: no such file or directory")
     if not files:
-        raise FileNotFoundError(f"--input {paths}: no files found")
+        raise MissingInputError(f"--input {paths}: no files found")
     return files
 
 
@@ -91,6 +93,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.doc_cap <= 0 or args.max_chars <= 0:
         parser.error("--doc-cap and --max-chars must be positive")
+    if args.vocab_size < 256 + len(SPECIAL_TOKENS):
+        parser.error(f"--vocab-size must be at least {256 + len(SPECIAL_TOKENS)} (the 256 bytes and the "
+                     f"{len(SPECIAL_TOKENS)} special tokens)")
 
     from jaxchat.common import get_base_dir
 
@@ -142,7 +147,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except FileNotFoundError as e:  # no shards / bad --input: the message says what to run
-        raise SystemExit(f"error: {e}")
+    from jaxchat.common import run_cli
+
+    run_cli(main)

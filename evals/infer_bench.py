@@ -35,6 +35,7 @@ import time
 import jax
 import numpy as np
 
+from jaxchat import gpu_compile
 from jaxchat import model as gpt
 from jaxchat.common import compute_dtype, device_kind, get_peak_bandwidth, get_peak_flops
 from jaxchat.engine import Engine
@@ -58,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decode-chunk", type=int, default=32, help="tokens per host round-trip of the decode loop")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per batch size (the median is reported)")
     p.add_argument("--seed", type=int, default=0, help="random-init and prompt seed")
+    gpu_compile.add_flags(p, device_batch_auto=False, train=False)  # --compile-for, --hlo-out
     args = p.parse_args(argv)
     try:
         args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
@@ -140,6 +142,10 @@ def bench_once(engine: Engine, prompt: list[int], batch_size: int, decode_tokens
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.compile_for:  # compile the prefill and the decode loop for described GPUs; nothing runs
+        config = random_init_config(args) if args.random_init else gpu_compile.config_from_checkpoint(
+            args.source, args.model_tag, args.depth)[0]
+        return gpu_compile.infer_bench_compile_for(args, config)
     if args.random_init:
         config = random_init_config(args)
         params = gpt.init_params(config, jax.random.PRNGKey(args.seed))

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 _active: str | None = None  # the platform set by activate()/use(); None: the first visible device's
+_active_devices: int | None = None  # how many devices the mesh given to activate()/use() spans
 
 
 def platform_of(where: Any) -> str:
@@ -48,28 +49,45 @@ def platform_of(where: Any) -> str:
     return "gpu" if name in ("gpu", "cuda", "rocm") else name
 
 
+def _size_of(where: Any) -> int | None:
+    if isinstance(where, jax.sharding.Mesh):
+        return int(where.devices.size)
+    if isinstance(where, jax.sharding.Sharding):
+        return len(where.device_set)
+    if isinstance(where, (list, tuple)) and where and hasattr(where[0], "platform"):
+        return len(where)
+    return None
+
+
 def activate(where: Any) -> str:
-    """Make the platform of `where` (see `platform_of`) the one every later decision follows. Returns it."""
-    global _active
-    _active = platform_of(where)
+    """Make the platform of `where` (see `platform_of`) the one every later decision follows, and, for a Mesh,
+    its size the one `device_count()` returns. Returns the platform."""
+    global _active, _active_devices
+    _active, _active_devices = platform_of(where), _size_of(where)
     return _active
 
 
 @contextlib.contextmanager
 def use(where: Any):
     """`activate(where)` for the duration of a `with` block, then restore the previous choice."""
-    global _active
-    previous = _active
-    _active = platform_of(where)
+    global _active, _active_devices
+    previous = _active, _active_devices
+    _active, _active_devices = platform_of(where), _size_of(where)
     try:
         yield _active
     finally:
-        _active = previous
+        _active, _active_devices = previous
 
 
 def platform() -> str:
     """The active platform: the one set by `activate`/`use`, else that of the first visible device."""
     return _active or platform_of(jax.devices()[0])
+
+
+def device_count() -> int:
+    """Devices the computation being traced is split over: the size of the mesh given to `activate`/`use`, else
+    `jax.device_count()` (under `--compile-for` the described GPUs, not this machine's CPUs)."""
+    return _active_devices or jax.device_count()
 
 
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
@@ -91,6 +109,15 @@ def compute_dtype(platform_name: str | None = None) -> jnp.dtype:
             raise ValueError(f"JAXCHAT_DTYPE={env!r}: expected one of float32, bfloat16, float16")
         return jnp.dtype(_DTYPES[env.lower()])
     return jnp.dtype(jnp.float32 if (platform_name or platform()) == "cpu" else jnp.bfloat16)
+
+
+def embedding_dtype(platform_name: str | None = None) -> jnp.dtype:
+    """Storage dtype of the embedding tables (`wte`, value embeddings): bfloat16 on GPU when the compute dtype is
+    bfloat16, as nanochat casts them to COMPUTE_DTYPE (AdamW tolerates it; half the memory and reads), else
+    float32 (CPU; float16 compute, which nanochat keeps in float32 too)."""
+    name = platform_name or platform()
+    bf16 = name == "gpu" and compute_dtype(name) == jnp.bfloat16
+    return jnp.dtype(jnp.bfloat16 if bf16 else jnp.float32)
 
 
 def attention_impl(dtype, platform_name: str | None = None) -> str:

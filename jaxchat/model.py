@@ -8,8 +8,9 @@ scalars, smear (previous-token mixing), backout (subtract the mid-layer residual
 vocabulary, a logit softcap, and optional hashed bigram embeddings (a per-layer residual looked up by a hash of
 the (previous, current) token pair).
 
-Parameters are a nested dict of float32 arrays. Matrices keep nanochat's (out_features, in_features) layout, so that
-checkpoints convert without transposes and Muon's row/column conventions carry over unchanged:
+Parameters are a nested dict of float32 arrays (the embedding tables bfloat16 on GPU: `param_shapes`). Matrices keep
+nanochat's (out_features, in_features) layout, so that checkpoints convert without transposes and Muon's row/column
+conventions carry over unchanged:
 
     {'wte': (Vp, C), 'lm_head': (Vp, C),
      'value_embeds': {'<i>': (Vp, n_kv_head*head_dim)} for each layer i with a value embedding,
@@ -33,6 +34,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax.linen import fp8_ops
 
 from jaxchat import backend
 from jaxchat.common import compute_dtype
@@ -153,9 +155,12 @@ class GPTConfig:
 
 
 def param_shapes(config: GPTConfig) -> Params:
-    """The params pytree with `jax.ShapeDtypeStruct` leaves (float32), without allocating anything."""
+    """The params pytree with `jax.ShapeDtypeStruct` leaves, without allocating anything: float32, except the
+    embedding tables (`wte`, `value_embeds`, `bigram_embed`) in `jaxchat.backend.embedding_dtype()` (bfloat16 on
+    GPU, as nanochat)."""
     C, Vp, L = config.n_embd, config.padded_vocab_size, config.n_layer
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+    emb = lambda *shape: jax.ShapeDtypeStruct(shape, backend.embedding_dtype())  # noqa: E731
     blocks = []
     for i in range(L):
         attn = {"c_q": f32(config.n_head * config.head_dim, C), "c_k": f32(config.kv_dim, C),
@@ -164,23 +169,22 @@ def param_shapes(config: GPTConfig) -> Params:
             attn["ve_gate"] = f32(config.n_kv_head, VE_GATE_CHANNELS)
         blocks.append({"attn": attn, "mlp": {"c_fc": f32(4 * C, C), "c_proj": f32(C, 4 * C)}})
     return {
-        "wte": f32(Vp, C),
+        "wte": emb(Vp, C),
         "lm_head": f32(Vp, C),
-        "value_embeds": {str(i): f32(Vp, config.kv_dim) for i in range(L) if config.has_ve(i)},
+        "value_embeds": {str(i): emb(Vp, config.kv_dim) for i in range(L) if config.has_ve(i)},
         "h": blocks,
         "resid_lambdas": f32(L),
         "x0_lambdas": f32(L),
         "smear_gate": f32(1, SMEAR_CHANNELS),
         "smear_lambda": f32(1),
         "backout_lambda": f32(1),
-        **({"bigram_embed": f32(config.bigram_vocab_size, C), "bigram_lambdas": f32(L)}
+        **({"bigram_embed": emb(config.bigram_vocab_size, C), "bigram_lambdas": f32(L)}
            if config.bigram_embed_factor else {}),
     }
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def init_params(config: GPTConfig, key: jax.Array) -> Params:
-    """Fresh float32 parameters with nanochat's `init_weights()` distributions.
+    """Fresh parameters with nanochat's `init_weights()` distributions, in `param_shapes`' dtypes.
 
     wte N(0, 0.8); lm_head N(0, 0.001); c_q/c_k/c_v and value embeddings U(-s, s) with s = sqrt(3/n_embd) (std
     1/sqrt(n_embd)); c_fc U(-0.4s, 0.4s); both output projections zero; resid_lambdas 1.15 -> 1.05 and x0_lambdas
@@ -196,6 +200,12 @@ def init_params(config: GPTConfig, key: jax.Array) -> Params:
     Returns:
         the params pytree (see module docstring).
     """
+    return _init_params(config, key, backend.embedding_dtype().name)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init_params(config: GPTConfig, key: jax.Array, embed_dtype: str) -> Params:
+    # embed_dtype is a static argument so that a cached trace never serves another platform's storage dtype
     shapes = param_shapes(config)
     C, L = config.n_embd, config.n_layer
     s = math.sqrt(3.0) * C ** -0.5
@@ -217,16 +227,16 @@ def init_params(config: GPTConfig, key: jax.Array) -> Params:
         blocks.append({"attn": attn, "mlp": mlp})
     frac = jnp.arange(L, dtype=jnp.float32) / max(L - 1, 1)
     return {
-        "wte": normal(shapes["wte"], 0.8),
+        "wte": normal(shapes["wte"], 0.8).astype(embed_dtype),
         "lm_head": normal(shapes["lm_head"], 0.001),
-        "value_embeds": {k: uniform(v, -s, s) for k, v in shapes["value_embeds"].items()},
+        "value_embeds": {k: uniform(v, -s, s).astype(embed_dtype) for k, v in shapes["value_embeds"].items()},
         "h": blocks,
         "resid_lambdas": 1.15 - 0.10 * frac,
         "x0_lambdas": 0.20 - 0.15 * frac,
         "smear_gate": uniform(shapes["smear_gate"], 0.0, 0.02),
         "smear_lambda": jnp.zeros((1,), jnp.float32),
         "backout_lambda": jnp.full((1,), 0.2, jnp.float32),
-        **({"bigram_embed": jnp.zeros(shapes["bigram_embed"].shape, jnp.float32),
+        **({"bigram_embed": jnp.zeros(shapes["bigram_embed"].shape, embed_dtype),
             "bigram_lambdas": jnp.full((L,), config.bigram_lambda_init, jnp.float32)}
            if config.bigram_embed_factor else {}),
     }
@@ -243,9 +253,64 @@ def rms_norm(x: jax.Array) -> jax.Array:
     return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
-def linear(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x @ w.T with w (out, in) cast to x's dtype (master weights stay float32)."""
+def linear(x: jax.Array, w: jax.Array, fp8: bool = False) -> jax.Array:
+    """x @ w.T with w (out, in) cast to x's dtype (master weights stay float32).
+
+    fp8: run it as `fp8_matmul` (tensorwise-scaled float8) when w is FP8-eligible (`fp8_eligible`), else as is.
+    """
+    if fp8 and fp8_eligible(w.shape):
+        return fp8_matmul(x.reshape(-1, x.shape[-1]), w).reshape(x.shape[:-1] + (w.shape[0],))
     return jnp.einsum("...i,oi->...o", x, w.astype(x.dtype))
+
+
+def fp8_eligible(shape: tuple[int, ...]) -> bool:
+    """nanochat's FP8 filter: both dims multiples of 16 (the FP8 GEMM's requirement) and at least 128."""
+    return len(shape) == 2 and all(d % 16 == 0 for d in shape) and min(shape) >= 128
+
+
+FP8_EPS = 1e-12  # amax floor: an all-zero tensor (the zero-initialised projections) gets a finite scale
+
+
+def _to_fp8(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """Tensorwise dynamic quantisation: (q in `dtype`, float32 scale) with x ~= q * scale, amax mapped to the
+    format's max (saturating). Source: nanochat/fp8.py `_to_fp8`."""
+    amax = jnp.max(jnp.abs(x)).astype(jnp.float32)
+    scale = jnp.maximum(amax, FP8_EPS) / float(jnp.finfo(dtype).max)
+    return fp8_ops.quantize(x.astype(jnp.float32), dtype, scale, jnp.float32), scale
+
+
+def _fp8_dot(a: jax.Array, b: jax.Array, contract: tuple[int, int], scale: jax.Array, out_dtype) -> jax.Array:
+    """Dequantised product of two float8 matrices contracting a's axis contract[0] with b's contract[1]."""
+    y = jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), preferred_element_type=jnp.float32)
+    return (y * scale).astype(out_dtype)
+
+
+@jax.custom_vjp
+def fp8_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x @ w.T with both operands quantised to float8_e4m3fn (one scale per tensor); the backward GEMMs take the
+    output gradient in float8_e5m2 against the saved e4m3 operands (the wider range gradients need).
+
+    x: (N, in) in the compute dtype; w: (out, in) float32 master weight. Returns (N, out) in x's dtype; the
+    gradient of w is float32. Source: nanochat/fp8.py `_Float8Matmul` (the "tensorwise" recipe).
+    """
+    return _fp8_matmul_fwd(x, w)[0]
+
+
+def _fp8_matmul_fwd(x, w):
+    xq, xs = _to_fp8(x, jnp.float8_e4m3fn)
+    wq, ws = _to_fp8(w, jnp.float8_e4m3fn)
+    return _fp8_dot(xq, wq, (1, 1), xs * ws, x.dtype), (xq, xs, wq, ws)
+
+
+def _fp8_matmul_bwd(residuals, g):
+    xq, xs, wq, ws = residuals
+    gq, gs = _to_fp8(g, jnp.float8_e5m2)
+    dx = _fp8_dot(gq, wq, (1, 0), gs * ws, g.dtype)  # (N, out) . (out, in); g has x's dtype
+    dw = _fp8_dot(gq, xq, (0, 0), gs * xs, jnp.float32)  # (N, out)^T . (N, in)
+    return dx, dw
+
+
+fp8_matmul.defvjp(_fp8_matmul_fwd, _fp8_matmul_bwd)
 
 
 def rotary(positions: jax.Array, head_dim: int, dtype) -> tuple[jax.Array, jax.Array]:
@@ -361,14 +426,15 @@ def _smear(params: Params, x: jax.Array, x_prev: jax.Array, has_prev: jax.Array)
 
 
 def _attention(block: Params, config: GPTConfig, x: jax.Array, ve: jax.Array | None, cos, sin, window: int,
-               layer_cache: tuple[jax.Array, jax.Array] | None, pos: jax.Array | None, attend_len: int | None = None):
+               layer_cache: tuple[jax.Array, jax.Array] | None, pos: jax.Array | None, attend_len: int | None = None,
+               fp8: bool = False):
     """One attention sublayer. Returns (y, updated (k_cache, v_cache) or None). With a cache, keys are read from
-    its first attend_len positions (static; default all)."""
+    its first attend_len positions (static; default all). fp8: the projections as `fp8_matmul` (see `linear`)."""
     B, T, _ = x.shape
     H, K, D = config.n_head, config.n_kv_head, config.head_dim
-    q = linear(x, block["c_q"]).reshape(B, T, H, D)
-    k = linear(x, block["c_k"]).reshape(B, T, K, D)
-    v = linear(x, block["c_v"]).reshape(B, T, K, D)
+    q = linear(x, block["c_q"], fp8).reshape(B, T, H, D)
+    k = linear(x, block["c_k"], fp8).reshape(B, T, K, D)
+    v = linear(x, block["c_v"], fp8).reshape(B, T, K, D)
     if ve is not None:  # value residual: input-dependent gate per kv head, range (0, 3)
         gate = 3.0 * jax.nn.sigmoid(linear(x[..., :VE_GATE_CHANNELS], block["ve_gate"]))
         v = v + gate[..., None] * ve.reshape(B, T, K, D)
@@ -379,7 +445,7 @@ def _attention(block: Params, config: GPTConfig, x: jax.Array, ve: jax.Array | N
         # Training / full-sequence: causal, plus a sliding window when it is shorter than the sequence.
         local = (window, 0) if window < T - 1 else None
         y = causal_attention(q, k, v, local)
-        return linear(y.reshape(B, T, H * D), block["c_proj"]), None
+        return linear(y.reshape(B, T, H * D), block["c_proj"], fp8), None
 
     # KV-cache path: write this chunk's k, v into the stacked cache in place (no per-layer slice-and-restack
     # copies), then attend over the cache's first attend_len positions with a position mask. Einsums over grouped
@@ -422,9 +488,35 @@ def _attention(block: Params, config: GPTConfig, x: jax.Array, ve: jax.Array | N
     return linear(y.reshape(B, T, H * D), block["c_proj"]), (k_all, v_all, layer)
 
 
+REMAT_POLICIES = {  # --remat: what the backward pass keeps of a block's forward (the rest is recomputed)
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # the linear layers' outputs
+    "block": jax.checkpoint_policies.nothing_saveable,  # only the block's input
+}
+
+
+def _block(block: Params, config: GPTConfig, x: jax.Array, ve, cos, sin, window: int, layer_cache, pos, attend_len,
+           fp8: bool = False, remat: str = "none"):
+    """Attention and MLP sublayers of one block, residuals included. Returns (x, layer_cache).
+
+    remat ("none", "dots", "block"; full-sequence path only): `jax.checkpoint` the block with REMAT_POLICIES.
+    """
+    def body(x, ve, block, cos, sin):
+        y, cache = _attention(block["attn"], config, rms_norm(x), ve, cos, sin, window, layer_cache, pos, attend_len,
+                              fp8)
+        x = x + y
+        h = linear(rms_norm(x), block["mlp"]["c_fc"], fp8)
+        return x + linear(jnp.square(jax.nn.relu(h)), block["mlp"]["c_proj"], fp8), cache
+    with jax.named_scope("block"):  # names the blocks' ops in the HLO (jaxchat.gpu_compile counts their GEMMs)
+        if remat == "none" or layer_cache is not None:
+            return body(x, ve, block, cos, sin)
+        return jax.checkpoint(body, policy=REMAT_POLICIES[remat])(x, ve, block, cos, sin)
+
+
 def _trunk(params: Params, config: GPTConfig, idx: jax.Array, kv_cache: KVCache | None = None,
-           valid_len: jax.Array | None = None, attend_len: int | None = None, max_len: int | None = None):
-    """Embedding through final norm. Returns (hidden (B, T, C) in compute dtype, new kv_cache or None)."""
+           valid_len: jax.Array | None = None, attend_len: int | None = None, max_len: int | None = None, *,
+           fp8: bool = False, remat: str = "none"):
+    """Embedding through final norm. Returns (hidden (B, T, C) in compute dtype, new kv_cache or None).
+    fp8, remat: see `loss_fn`."""
     B, T = idx.shape
     dtype = compute_dtype()
     x = rms_norm(params["wte"].astype(dtype)[idx])
@@ -472,11 +564,8 @@ def _trunk(params: Params, config: GPTConfig, idx: jax.Array, kv_cache: KVCache 
             x = x + params["bigram_lambdas"][i].astype(dtype) * bigram
         ve = params["value_embeds"][str(i)].astype(dtype)[idx] if config.has_ve(i) else None
         layer_cache = None if kv_cache is None else (k_all, v_all, i)
-        y, layer_cache = _attention(block["attn"], config, rms_norm(x), ve, cos, sin, config.window_sizes[i],
-                                    layer_cache, pos, attend_len)
-        x = x + y
-        h = linear(rms_norm(x), block["mlp"]["c_fc"])
-        x = x + linear(jnp.square(jax.nn.relu(h)), block["mlp"]["c_proj"])
+        x, layer_cache = _block(block, config, x, ve, cos, sin, config.window_sizes[i], layer_cache, pos, attend_len,
+                                fp8, remat)
         if layer_cache is not None:
             k_all, v_all = layer_cache[0], layer_cache[1]
         if i == backout_layer:
@@ -547,7 +636,7 @@ def _loss_chunks(config: GPTConfig, B: int, T: int, chunk_tokens: int | None) ->
     """How many chunks along T the head and loss run in: the fewest that divide T and keep a chunk within
     `chunk_tokens` tokens (default: LOSS_CHUNK_ELEMENTS logits per device, the batch split over all devices)."""
     if chunk_tokens is None:
-        chunk_tokens = max(1, LOSS_CHUNK_ELEMENTS * jax.device_count() // config.padded_vocab_size)
+        chunk_tokens = max(1, LOSS_CHUNK_ELEMENTS * backend.device_count() // config.padded_vocab_size)
     want = -(-B * T // chunk_tokens)
     return next(n for n in range(max(1, want), T + 1) if T % n == 0) if want < T else T
 
@@ -631,7 +720,7 @@ softcap_cross_entropy_sum.defvjp(_softcap_ce_fwd, _softcap_ce_bwd)
 
 
 def loss_fn(params: Params, config: GPTConfig, idx: jax.Array, targets: jax.Array, reduction: str = "mean",
-            loss_chunk_tokens: int | None = None) -> jax.Array:
+            loss_chunk_tokens: int | None = None, *, fp8: bool = False, remat: str = "none") -> jax.Array:
     """Cross-entropy of the next-token prediction (nanochat `GPT.forward` with targets).
 
     The head and the softmax run over chunks of the sequence (`loss_chunk_tokens` tokens of the whole batch at a
@@ -644,12 +733,18 @@ def loss_fn(params: Params, config: GPTConfig, idx: jax.Array, targets: jax.Arra
         reduction: 'mean' (over valid targets; a scalar), 'sum' (scalar) or 'none' ((B, T) float32, 0 where ignored).
         loss_chunk_tokens: tokens (over the whole batch) per chunk; default keeps a chunk's logits near 1 GiB per
             device (LOSS_CHUNK_ELEMENTS).
+        fp8: the blocks' linear layers as `fp8_matmul` (nanochat `--fp8`, tensorwise scaling; e4m3 forward, e5m2
+            gradients); the head, gates and embeddings stay in the compute dtype.
+        remat: "none", "dots" (keep the linear layers' outputs, recompute the rest) or "block" (keep each block's
+            input only): activation checkpointing of the blocks, for larger device batches.
     Raises:
-        ValueError: an unknown reduction, or T > config.sequence_len.
+        ValueError: an unknown reduction or remat, or T > config.sequence_len.
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    x, _ = _trunk(params, config, idx)
+    if remat != "none" and remat not in REMAT_POLICIES:
+        raise ValueError(f"--remat must be one of none, {', '.join(REMAT_POLICIES)}; got {remat!r}")
+    x, _ = _trunk(params, config, idx, fp8=fp8, remat=remat)
     B, T, _ = x.shape
     n_chunks = _loss_chunks(config, B, T, loss_chunk_tokens)
     if reduction == "none":

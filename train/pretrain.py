@@ -151,8 +151,7 @@ def compile_for(args, vocab_size: int) -> dict:
     from jaxchat import gpu_compile
 
     target = gpu_compile.parse_target(args.compile_for)
-    hosts, per_host = (int(v) for v in args.compile_for.split(":")[1].split("x"))
-    n = hosts * per_host
+    n = target.num_devices
     if n % args.fsdp:
         raise UserError(f"--fsdp={args.fsdp} must divide the {n} devices of --compile-for={args.compile_for}")
     mesh = gpu_compile.topology_mesh(target, (n // args.fsdp, args.fsdp))
@@ -160,8 +159,12 @@ def compile_for(args, vocab_size: int) -> dict:
         args.device_batch_size = _auto_batch(args, vocab_size, mesh, target)
     plan = make_plan(args, vocab_size, n)
     step = build(args, plan, mesh, args.device_batch_size)
-    report = gpu_compile.compile_report(step.fn, step.abstract_args, target, hlo_out=args.hlo_out)
-    print(json.dumps(report), flush=True)
+    report = gpu_compile.compile_report(step.fn, step.abstract_args, target, args.device_batch_size,
+                                        hlo_out=args.hlo_out, label="pretraining step")
+    print(plan_table(plan), flush=True)
+    print(gpu_compile.plan_table([("fp8", args.fp8), ("remat", args.remat)], report), flush=True)
+    print(json.dumps({**report, "plan": plan}), flush=True)
+    gpu_compile.check_fits(report, f"--compile-for={target}: ")  # exits 2 under run_cli, saying what would fit
     return report
 
 
@@ -173,6 +176,8 @@ def main(argv=None) -> dict:
         UserError: bad flags, no tokenizer or shards, a resume step that does not exist, an existing tag.
     """
     args = parse_args(argv)
+    if args.compile_for:  # with or without --dry-run: the plan table with the memory per GPU
+        return compile_for(args, args.vocab_size or DEFAULT_VOCAB)
     if args.dry_run:
         if args.device_batch_size == "auto":
             args.device_batch_size = 32  # the plan shows the default; the real run picks by compiling
@@ -180,8 +185,6 @@ def main(argv=None) -> dict:
         print(plan_table(plan), flush=True)
         print(json.dumps(plan), flush=True)
         return {"plan": plan}
-    if args.compile_for:
-        return compile_for(args, args.vocab_size or DEFAULT_VOCAB)
 
     from jaxchat import sharding as shd
     from jaxchat.loss_eval import evaluate_bpb

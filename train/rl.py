@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from jaxchat import schedules as sched
+from jaxchat import gpu_compile
 from jaxchat import trainer as T
 from jaxchat.checkpoint import checkpoint_dir, load_model_from
 from jaxchat.common import UserError, maybe_init_distributed, print0
@@ -54,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-examples", type=int, default=400, help="test questions for pass@k")
     # jaxchat
     T.add_train_flags(p, save_every=60)
+    gpu_compile.add_flags(p, device_batch_auto=False, depth=True)  # --compile-for, --hlo-out, --depth
     p.add_argument("--task-file", type=str, default=None,
                    help="local GSM8K-schema file (.jsonl/.json/.parquet rows {question, answer}) for training")
     p.add_argument("--val-task-file", type=str, default=None,
@@ -85,6 +87,8 @@ def load_tasks(args):
 def main(argv=None) -> dict:
     """Run RL; returns the trainer's summary plus 'steps', 'rewards' and 'losses' (lists by step), 'passk'."""
     args = parse_args(argv)
+    if args.compile_for:  # compile the RL step for described GPUs (jaxchat.gpu_compile); nothing runs
+        return gpu_compile.sft_compile_for(args, rl=True)
     maybe_init_distributed()
     rank, world = jax.process_index(), jax.process_count()
     params, config, tokenizer, meta = load_model_from("sft", args.model_tag, args.model_step)

@@ -33,6 +33,7 @@ import jax
 
 from jaxchat import model as gpt
 from jaxchat import schedules as sched
+from jaxchat import gpu_compile
 from jaxchat import trainer as T
 from jaxchat.checkpoint import checkpoint_dir, load_model_from, restore_checkpoint
 from jaxchat.common import UserError, maybe_init_distributed, print0
@@ -80,6 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--spelling-bee-size", type=int, default=80_000, help="SpellingBee rows in the mixture")
     # jaxchat
     T.add_train_flags(p)
+    gpu_compile.add_flags(p, depth=True)  # --compile-for, --hlo-out, --depth, --device-batch-size=auto
     p.add_argument("--output-tag", type=str, default=None, help="checkpoint tag to write (default: --model-tag or d<depth>)")
     args = p.parse_args(argv)
     names = [n.strip().lower() for n in args.mixture.split(",") if n.strip()]
@@ -123,6 +125,8 @@ def data_ranks(mesh) -> tuple[list[int], int]:
 def main(argv=None) -> dict:
     """Run SFT; returns the trainer's summary plus 'step', 'val_bpb_history' [(step, bpb)], 'cropped'."""
     args = parse_args(argv)
+    if args.compile_for:  # compile the SFT step for described GPUs (jaxchat.gpu_compile); nothing runs
+        return gpu_compile.sft_compile_for(args)
     user_config = {k: v for k, v in vars(args).items() if k != "mixture_names"}
     maybe_init_distributed()
     params, config, tokenizer, meta = load_model_from("base", args.model_tag, args.model_step)
@@ -137,6 +141,10 @@ def main(argv=None) -> dict:
            f"validation: {len(val_dataset):,}")
 
     mesh = make_mesh(args.fsdp)
+    if args.device_batch_size == "auto":  # the largest power of two whose step compiles within GPU memory
+        args.device_batch_size = gpu_compile.auto_device_batch_size(lambda b: gpu_compile.build_pretrain_step(
+            type(config).from_dict({**config.to_dict(), "sequence_len": args.max_seq_len}), mesh, b, fp8=args.fp8,
+            remat=args.remat, muon_dtype=args.muon_dtype))
     tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len * mesh.size
     if args.total_batch_size % tokens_per_fwdbwd:
         raise UserError(f"--total-batch-size={args.total_batch_size} is not a multiple of device_batch_size x "

@@ -1,0 +1,253 @@
+"""The GPU path, compiled for described H100s without a GPU (jaxchat.gpu_compile), and its CPU-checkable parts.
+
+The compile tests need the CUDA plugin (`pip install -e '.[gpu]'` in a second virtualenv, run with
+JAX_PLATFORMS=cpu; .ci/run does it) and skip, saying so, without it. Each compile of a d20/d24 step takes about
+a minute on 2 cores, so every report is compiled once per module and shared by the asserts.
+The FP8 / remat / embedding-dtype tests at the end run on CPU everywhere.
+"""
+
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxchat import backend
+from jaxchat import gpu_compile as gc
+from jaxchat import model as gpt
+
+PLUGIN_MISSING = gc.cuda_plugin_missing()
+needs_plugin = pytest.mark.skipif(PLUGIN_MISSING is not None, reason=f"GPU compile tests: {PLUGIN_MISSING}")
+SPEEDRUN_DEVICE_BATCH = 16  # nanochat's speedrun --device-batch-size on 8xH100
+
+
+def nanochat_config(depth: int, seq: int = 2048, vocab: int = 32768) -> gpt.GPTConfig:
+    """base_train's sizing: n_embd = 64 * depth rounded up to the 128 head dim, one kv head per head."""
+    n_embd = -(-depth * 64 // 128) * 128
+    return gpt.GPTConfig(sequence_len=seq, vocab_size=vocab, n_layer=depth, n_head=n_embd // 128,
+                         n_kv_head=n_embd // 128, n_embd=n_embd)
+
+
+SMALL = gpt.GPTConfig(sequence_len=512, vocab_size=8192, n_layer=4, n_head=2, n_kv_head=2, n_embd=256)
+
+
+@pytest.fixture(scope="module")
+def gpu_env():
+    """The platform's own dtype choices: the suite's JAXCHAT_DTYPE=float32 would turn bf16 and cuDNN off."""
+    saved = os.environ.pop("JAXCHAT_DTYPE", None)
+    yield
+    if saved is not None:
+        os.environ["JAXCHAT_DTYPE"] = saved
+
+
+@functools.lru_cache(maxsize=None)
+def _train_report(config: gpt.GPTConfig, spec: str, batch: int, fp8: bool = False) -> dict:
+    target = gc.parse_target(spec)
+    step, args = gc.build_pretrain_step(config, gc.topology_mesh(target), batch, fp8=fp8)
+    return gc.compile_report(step, args, target, batch, label=f"test d{config.n_layer}{' fp8' if fp8 else ''}")
+
+
+@pytest.fixture(scope="module")
+def reports(gpu_env):
+    return _train_report
+
+
+def _expected_windows(config: gpt.GPTConfig) -> list[int]:
+    """cuDNN's sliding_window_length counts the diagonal (left window + 1); a layer whose window covers the
+    sequence is plain causal (no window: 0 in the report)."""
+    T = config.sequence_len
+    return sorted({w + 1 if w < T - 1 else 0 for w in config.window_sizes})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Compiled for H100s
+
+
+@needs_plugin
+@pytest.mark.parametrize("depth,spec", [(20, "h100:1x8"), (24, "h100:1x8"), (24, "h100:2x8")])
+def test_speedrun_steps_fit_at_device_batch_16(reports, depth, spec):
+    r = reports(nanochat_config(depth), spec, SPEEDRUN_DEVICE_BATCH)
+    assert r["hosts"] * r["gpus_per_host"] == (16 if spec.endswith("2x8") else 8)
+    assert r["fits"] and not r["remat_by_xla"], r["memory_gib"]
+    assert r["memory_gib"]["peak"] <= r["device_memory_gib"] * gc.XLA_MEMORY_LIMIT_FRACTION
+    assert r["memory_gib"]["temporaries"] > r["memory_gib"]["arguments"] > 0  # a real step, activations dominate
+    assert r["collectives"], "a data-parallel step must all-reduce / reduce-scatter its gradients"
+
+
+@needs_plugin
+def test_cudnn_flash_attention_forward_and_backward_with_the_window_pattern(reports):
+    config = nanochat_config(20)
+    a = reports(config, "h100:1x8", SPEEDRUN_DEVICE_BATCH)["attention"]
+    assert a["cudnn_fwd"] >= config.n_layer and a["cudnn_bwd"] >= config.n_layer, a
+    assert a["window_lengths_fwd"] == _expected_windows(config) == a["window_lengths_bwd"], a
+    assert _expected_windows(config) == [0, 513]  # SSSL at 2048: short layers see 512 keys back, long ones all
+
+
+@needs_plugin
+def test_bf16_step_has_no_f32_gemm_in_the_blocks(reports):
+    r = reports(nanochat_config(20), "h100:1x8", SPEEDRUN_DEVICE_BATCH)
+    assert r["block_gemms"]["f32"] == 0 and r["block_gemms"]["fp8"] == 0, r["block_gemms"]
+    # forward (6 linears) and backward (2 GEMMs each) per layer, some fused by XLA
+    assert r["block_gemms"]["bf16"] >= 6 * 20, r["block_gemms"]
+
+
+@needs_plugin
+def test_fp8_blocks_gemms_take_fp8_operands(reports):
+    r = reports(SMALL, "h100:1x8", 4, True)
+    b = r["block_gemms"]
+    # 6 linears x (forward + 2 backward GEMMs) per layer in FP8; only the value-embedding gates (12 -> n_kv_head,
+    # too small for FP8 as in nanochat's filter) stay bf16: 3 GEMMs on each layer with a value embedding.
+    n_ve = sum(SMALL.has_ve(i) for i in range(SMALL.n_layer))
+    assert b["fp8"] >= 3 * 6 * SMALL.n_layer, b
+    assert b["bf16"] <= 3 * n_ve and b["f32"] == 0, b
+    assert reports(SMALL, "h100:1x8", 4)["block_gemms"]["fp8"] == 0
+
+
+@needs_plugin
+def test_optimizer_state_is_sharded_as_gpus_are_added(reports):
+    """ZeRO-1: per-device argument bytes fall with the device count (parameters stay replicated)."""
+    one, eight = (reports(SMALL, s, 4)["memory_gib"]["arguments"] for s in ("h100:1x1", "h100:1x8"))
+    assert eight < one * 0.75, (one, eight)
+    d24 = [reports(nanochat_config(24), s, SPEEDRUN_DEVICE_BATCH)["memory_gib"]["arguments"]
+           for s in ("h100:1x8", "h100:2x8")]
+    assert d24[1] < d24[0], d24
+
+
+@needs_plugin
+def test_sft_step_and_decode_loop_compile_for_one_h100(reports, gpu_env):
+    target = gc.parse_target("h100:1x1")
+    # train.sft's step is the pretraining step (jaxchat.trainer.build_step) with SFT's data and hparams
+    sft = reports(SMALL, "h100:1x1", 4)
+    assert sft["fits"] and sft["attention"]["cudnn_bwd"] >= SMALL.n_layer
+    jitted, args = gc.build_decode_loop(SMALL, gc.topology_mesh(target), batch_size=32, steps=8)
+    dec = gc.compile_report(jitted, args, target, 32, label="decode")
+    assert dec["fits"] and dec["gemms"]["bf16"] > 0 and dec["gemms"]["f32"] == 0, dec["gemms"]
+    assert dec["collectives"] == {}
+
+
+@needs_plugin
+def test_target_parsing_and_errors(tmp_path):
+    t = gc.parse_target("h200:2x4")
+    assert (t.name, t.hosts, t.gpus_per_host, t.num_devices) == ("h200", 2, 4, 8)
+    assert t.device_memory_bytes > gc.parse_target("h100:1x1").device_memory_bytes
+    for bad in ("h100:2", "b300:1x8", "h100:0x8"):
+        with pytest.raises(gc.UserError, match="--compile-for"):
+            gc.parse_target(bad)
+
+
+def test_suggestion_names_a_batch_that_fits_by_the_linear_estimate():
+    r = {"device_batch_size": 32, "device_memory_gib": 79.1,
+         "memory_gib": {"arguments": 4.6, "outputs": 4.6, "aliased": 4.6, "temporaries": 97.0, "peak": 101.6},
+         "fits": False, "target": "h100"}
+    with pytest.raises(gc.UserError, match=r"--device-batch-size=16 should fit"):
+        gc.check_fits(r)
+
+
+def test_hlo_analysis_reads_operand_dtypes_and_scopes():
+    text = """ENTRY %main (p0: bf16[8,16], p1: f8e4m3fn[16,16]) -> f32[8,16] {
+  %a = f8e4m3fn[8,16]{1,0} convert(%p0)
+  %d = f32[8,16]{1,0} dot(%a, %p1), lhs_contracting_dims={1}, metadata={op_name="jit(f)/jvp(block)/dot_general"}
+  %e = (f32[8,16]{1,0}, s8[4]{0}) custom-call(%p0, %p0), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(f)/head"}
+  %s = bf16[8] custom-call(%p0), custom_call_target="__cudnn$fmhaSoftmax", backend_config={"sliding_window_length":513}
+  %r = f32[8,16]{1,0} all-reduce-start(%d), channel_id=1
+  %q = f32[8,16]{1,0} all-reduce-done(%r)
+}"""
+    h = gc.analyze_hlo(text)
+    assert h["gemms"]["fp8"] == 1 and h["gemms"]["bf16"] == 1 and h["block_gemms"]["fp8"] == 1
+    assert h["block_gemms"]["bf16"] == 0
+    assert h["attention"]["cudnn_fwd"] == 1 and h["attention"]["window_lengths_fwd"] == [513]
+    assert h["collectives"] == {"all-reduce": 1}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FP8, remat and the embedding dtype, on CPU
+
+TINY = gpt.GPTConfig(sequence_len=64, vocab_size=512, n_layer=4, n_head=2, n_kv_head=2, n_embd=128)
+
+
+def _dense_params(config, seed=0):
+    """Init params with the zero-initialised projections and the tiny head drawn like c_q, so every block matrix
+    gets a gradient and the loss depends on them."""
+    params = gpt.init_params(config, jax.random.key(seed))
+    keys = iter(jax.random.split(jax.random.key(seed + 1), 4 * config.n_layer + 1))
+    s = math.sqrt(3.0 / config.n_embd)
+    fill = lambda x: jax.random.uniform(next(keys), x.shape, jnp.float32, -s, s)  # noqa: E731
+    for block in params["h"]:
+        block["attn"]["c_proj"], block["mlp"]["c_proj"] = fill(block["attn"]["c_proj"]), fill(block["mlp"]["c_proj"])
+    params["lm_head"] = fill(params["lm_head"])
+    return params
+
+
+def _loss_and_grads(params, config, **kw):
+    idx = jax.random.randint(jax.random.key(3), (2, config.sequence_len + 1), 0, config.vocab_size)
+    f = jax.jit(jax.value_and_grad(lambda p: gpt.loss_fn(p, config, idx[:, :-1], idx[:, 1:], **kw)))
+    return f(params)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def test_fp8_step_matches_the_bf16_step_within_fp8_rounding(monkeypatch):
+    """One d4 step's loss and block gradients with --fp8 against bf16 (both in bfloat16 compute).
+
+    Tolerance: every FP8 GEMM rounds its operands once, relative error <= u = 2^-(mantissa bits + 1):
+    u(e4m3) = 2^-4, u(e5m2) = 2^-3. A backward GEMM multiplies an e5m2 gradient by an e4m3 operand, whose own
+    forward input was e4m3: first-order bound u(e5m2) + 2 u(e4m3) = 0.25 on the gradients; the loss goes through
+    one forward GEMM per linear: 2 u(e4m3) = 0.125 relative. Random rounding errors average out far below both;
+    a wrong scale or a transposed gradient is off by O(1).
+    """
+    monkeypatch.setenv("JAXCHAT_DTYPE", "bfloat16")
+    params = _dense_params(TINY)
+    loss_bf16, g_bf16 = _loss_and_grads(params, TINY)
+    loss_fp8, g_fp8 = _loss_and_grads(params, TINY, fp8=True)
+    assert abs(float(loss_fp8) - float(loss_bf16)) <= 0.125 * float(loss_bf16)
+    for i in range(TINY.n_layer):
+        for part, name in (("attn", "c_q"), ("attn", "c_v"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj")):
+            got, want = g_fp8["h"][i][part][name], g_bf16["h"][i][part][name]
+            assert got.dtype == jnp.float32 and _rel(got, want) <= 0.25, (i, name, _rel(got, want))
+    assert _rel(g_fp8["wte"], g_bf16["wte"]) <= 0.25
+
+
+def test_fp8_quantisation_is_tensorwise_and_saturating():
+    x = jnp.array([[0.5, -2.0], [1.0, 0.0]], jnp.float32)
+    q, scale = gpt._to_fp8(x, jnp.float8_e4m3fn)
+    assert q.dtype == jnp.float8_e4m3fn and float(scale) == pytest.approx(2.0 / 448.0)
+    assert float(q.astype(jnp.float32)[0, 1]) == -448.0  # the amax maps to the format's max
+    np.testing.assert_allclose(np.asarray(q.astype(jnp.float32)) * float(scale), np.asarray(x), rtol=2 ** -4)
+    assert gpt.fp8_eligible((256, 128)) and not gpt.fp8_eligible((2, 12)) and not gpt.fp8_eligible((96, 72))
+
+
+@pytest.mark.parametrize("remat", ["dots", "block"])
+def test_remat_policies_change_memory_not_numbers(remat):
+    """float32 on CPU: recomputation repeats the same operations, so loss and gradients agree to a few ulps
+    (XLA may fuse the recomputed ops differently): 64 * eps(float32) relative."""
+    params = _dense_params(TINY)
+    loss, grads = _loss_and_grads(params, TINY)
+    loss_r, grads_r = _loss_and_grads(params, TINY, remat=remat)
+    tol = 64 * float(jnp.finfo(jnp.float32).eps)
+    assert abs(float(loss_r) - float(loss)) <= tol * abs(float(loss))
+    for a, b in zip(jax.tree.leaves(grads_r), jax.tree.leaves(grads)):
+        assert _rel(a, b) <= tol * 16  # a sum over up to ~B*T products per element
+    with pytest.raises(ValueError, match="--remat"):
+        gpt.loss_fn(params, TINY, jnp.zeros((1, 8), jnp.int32), jnp.zeros((1, 8), jnp.int32), remat="all")
+
+
+def test_embeddings_are_stored_in_bf16_on_gpu_only(monkeypatch):
+    monkeypatch.delenv("JAXCHAT_DTYPE", raising=False)
+    cpu = gpt.param_shapes(TINY)
+    assert cpu["wte"].dtype == jnp.float32
+    with backend.use("gpu"):
+        shapes = gpt.param_shapes(TINY)
+        params = jax.eval_shape(lambda k: gpt.init_params(TINY, k), jax.random.key(0))
+    for tree in (shapes, params):
+        assert tree["wte"].dtype == jnp.bfloat16
+        assert all(v.dtype == jnp.bfloat16 for v in tree["value_embeds"].values())
+        assert tree["lm_head"].dtype == jnp.float32 and tree["h"][0]["attn"]["c_q"].dtype == jnp.float32
+    monkeypatch.setenv("JAXCHAT_DTYPE", "float32")
+    with backend.use("gpu"):
+        assert gpt.param_shapes(TINY)["wte"].dtype == jnp.float32  # float32 compute keeps float32 tables

@@ -4,11 +4,9 @@ prints it with --dry-run and trains by it."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 from jaxchat import model as gpt
-from jaxchat.common import UserError
 
 B_REF = 2 ** 19  # nanochat: optimal total batch at d12, in tokens
 BATCH_EXPONENT = 0.383  # nanochat: B_opt ~ D ** 0.383
@@ -31,8 +29,6 @@ def model_config(args, vocab_size: int, depth: int | None = None) -> gpt.GPTConf
     n_head = n_embd // args.head_dim
     extra = {}
     if getattr(args, "bigram_embed_factor", 0) > 0:
-        if "bigram_embed_factor" not in {f.name for f in dataclasses.fields(gpt.GPTConfig)}:
-            raise UserError("--bigram-embed-factor: this jaxchat's model has no bigram embeddings")
         extra["bigram_embed_factor"] = args.bigram_embed_factor
     return gpt.GPTConfig(sequence_len=args.max_seq_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
                          n_kv_head=n_head, n_embd=n_embd, window_pattern=args.window_pattern, **extra)
@@ -108,6 +104,8 @@ def make_plan(args, vocab_size: int, num_devices: int, strict: bool = True) -> d
             "unembedding_lr": args.unembedding_lr * batch_lr_scale,
             "matrix_lr": args.matrix_lr * batch_lr_scale,
             "scalar_lr": args.scalar_lr * batch_lr_scale,
+            # the bigram branch (412e9a1) scales its bigram_lambdas lr (0.004) by the batch like the others
+            **({"bigram_lambda_lr": 0.004 * batch_lr_scale} if getattr(args, "bigram_embed_factor", 0) > 0 else {}),
         },
         "weight_decay": weight_decay,
         "num_iterations": num_iterations,

@@ -762,6 +762,7 @@ class BatchEngine:
     def _admit(self, req: Request, host: dict) -> None:
         """Prefill req into a free slot and reset that slot's per-request state (host copies in `host`)."""
         slot = self._slots.index(None)
+        self._slots[slot] = req  # held from here on, so that a failing prefill ends this request too (see _run)
         self._prefill(slot, req.tokens)
         key = jax.random.fold_in(jax.random.PRNGKey(req.seed), req.sample_index)
         self._keys[slot] = np.asarray(jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key)

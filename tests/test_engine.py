@@ -371,22 +371,20 @@ def test_batch_engine_tool_use_and_stop_per_slot():
 def test_slot_insert_follows_the_cache_layout_contract(tiny_params, monkeypatch):
     """Contract 4: every cache key is written into its slot along its batch axis (k/v: axis 1, others: axis 0),
     including keys the engine does not know (a bigram model's 'prev_token')."""
-    real_init, real_forward = gpt.init_kv_cache, gpt.forward
+    real_init = gpt.init_kv_cache
 
-    def init_with_prev(config, batch_size, max_len, dtype=None):
-        return dict(real_init(config, batch_size, max_len, dtype), prev_token=jnp.zeros((batch_size,), jnp.int32))
+    def init_with_extra(config, batch_size, max_len, dtype=None):  # a key the engine has never heard of
+        return dict(real_init(config, batch_size, max_len, dtype), extra=jnp.zeros((batch_size, 2), jnp.int32))
 
-    def forward_with_prev(params, config, idx, kv_cache=None, valid_len=None, **kw):
+    def forward_keeping_extra(params, config, idx, kv_cache=None, valid_len=None, **kw):
         kv_cache = dict(kv_cache)
-        prev = kv_cache.pop("prev_token")
-        n = jnp.full((idx.shape[0],), idx.shape[1]) if valid_len is None else valid_len
-        logits, cache = real_forward(params, config, idx, kv_cache=kv_cache, valid_len=valid_len, **kw)
-        last = jnp.take_along_axis(idx, (n - 1)[:, None], axis=1)[:, 0]
-        assert prev.shape == (idx.shape[0],)
-        return logits, dict(cache, prev_token=last)
+        extra = kv_cache.pop("extra")
+        assert extra.shape == (idx.shape[0], 2)
+        logits, cache = gpt.forward(params, config, idx, kv_cache=kv_cache, valid_len=valid_len, **kw)
+        return logits, dict(cache, extra=extra + 1)
 
-    monkeypatch.setattr(gpt, "init_kv_cache", init_with_prev)
-    batch = BatchEngine(Engine(tiny_params, TINY, decode_chunk=8, forward_fn=forward_with_prev), max_batch=3,
+    monkeypatch.setattr(gpt, "init_kv_cache", init_with_extra)
+    batch = BatchEngine(Engine(tiny_params, TINY, decode_chunk=8, forward_fn=forward_keeping_extra), max_batch=3,
                         max_len=64)
     a = batch.submit([9, 8, 7], max_tokens=20, temperature=0.0)  # still running when b joins: b takes slot 1
     b = batch.submit([1, 2, 3, 4, 5], max_tokens=5, temperature=0.0)
@@ -396,7 +394,21 @@ def test_slot_insert_follows_the_cache_layout_contract(tiny_params, monkeypatch)
     # the third slot was never used
     assert np.asarray(cache["prev_token"]).tolist() == [ta[-1], tb[-1], 0]
     assert np.asarray(cache["pos"]).tolist() == [3 + 20, 5 + 5, 0]
+    extra = np.asarray(cache["extra"])  # the unknown key went through prefill and decode, slot by slot
+    assert extra.shape == (3, 2) and (extra[:2] > 0).all() and (extra[2] == 0).all()
     assert ta == naive_greedy(tiny_params, TINY, [9, 8, 7], 20)
+
+
+def test_failing_prefill_ends_the_request_with_the_error(tiny_params):
+    """An engine failure while a request is being admitted reaches that request (and the queue): no hang."""
+    def broken_forward(params, config, idx, kv_cache=None, valid_len=None, **kw):
+        raise KeyError("no such cache key")
+
+    batch = BatchEngine(Engine(tiny_params, TINY, decode_chunk=8, forward_fn=broken_forward), max_batch=2,
+                        max_len=64)
+    a = batch.submit([9, 8, 7], max_tokens=4, temperature=0.0)
+    with pytest.raises(KeyError):
+        list(a)
 
 
 def test_infer_bench_prints_sweep_json(capsys):

@@ -152,7 +152,8 @@ def tokenize_request(tokenizer, body: Any, max_model_len: int) -> dict[str, Any]
     "add_generation_prompt": bool = true, "add_special_tokens": bool = false}`.
 
     add_special_tokens prepends <|bos|> (the only token nanochat's tokenizer adds); a chat's template already
-    starts with it, hence the chat default false. Special token names in the prompt or rendered chat become their
+    starts with it, hence the chat default false. A "prompt" that is a list of {role, content} objects is taken as
+    messages: lm-eval 0.4.13 sends that with --apply_chat_template and its remote tokenizer (vLLM would refuse it). Special token names in the prompt or rendered chat become their
     ids (`encode_with_special_tokens`).
 
     Returns {"tokens": list[int], "count": int, "max_model_len": int}.
@@ -163,16 +164,18 @@ def tokenize_request(tokenizer, body: Any, max_model_len: int) -> dict[str, Any]
     """
     if not isinstance(body, dict):
         raise TokenizationRequestError("request body must be a JSON object")
-    if "messages" in body:
-        messages = _check_messages(body["messages"])
+    prompt = body.get("prompt")
+    if "messages" in body or (isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt)):
+        # lm-eval 0.4.13 with --apply_chat_template and the remote tokenizer sends the messages as "prompt"
+        messages = _check_messages(body["messages"] if "messages" in body else prompt)
         add_generation_prompt = _flag(body, "add_generation_prompt", True)
         if add_generation_prompt and _flag(body, "continue_final_message", False):
             raise TokenizationRequestError("cannot set both continue_final_message and add_generation_prompt",
                                            "continue_final_message")
         text = render_chat(messages, add_generation_prompt)
         add_special_tokens = _flag(body, "add_special_tokens", False)
-    elif isinstance(body.get("prompt"), str):
-        text = body["prompt"]
+    elif isinstance(prompt, str):
+        text = prompt
         add_special_tokens = _flag(body, "add_special_tokens", True)
     else:
         raise TokenizationRequestError("give either prompt (a string) or messages (a list of {role, content})",

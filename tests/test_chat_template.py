@@ -138,6 +138,9 @@ def test_tokenize_prompt_and_messages_as_vllm(tok):
     assert out["tokens"] == _expected(tok, messages, True) and out["count"] == len(out["tokens"])
     out = tokenize_request(tok, {"messages": messages, "add_generation_prompt": False}, 256)
     assert out["tokens"] == _expected(tok, messages, True)[:-1]
+    # lm-eval 0.4.13 (--apply_chat_template, remote tokenizer) puts the messages in "prompt"
+    out = tokenize_request(tok, {"prompt": messages, "add_special_tokens": False}, 256)
+    assert out["tokens"] == _expected(tok, messages, True)
 
 
 @pytest.mark.parametrize("body, param", [
@@ -148,6 +151,7 @@ def test_tokenize_prompt_and_messages_as_vllm(tok):
     ({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "text": "x"}]}]}, "messages"),
     ({"messages": [{"role": "user", "content": "a"}], "continue_final_message": True}, "continue_final_message"),
+    ({"prompt": [1, 2]}, "prompt"), ({"prompt": [{"role": "user"}]}, "messages"),
 ])
 def test_bad_tokenize_bodies_name_the_field(tok, body, param):
     with pytest.raises(TokenizationRequestError) as e:

@@ -88,10 +88,10 @@ def cache_bucket(n: int) -> int:
 
 
 def attend_bucket(n: int, max_len: int) -> int | None:
-    """Cache positions a decode chunk reads when its slots will hold at most n: a power of two >= 64, or None (all
-    max_len) once that reaches max_len. Attention cost follows the positions read, for at most log2(max_len / 64)
-    compiled decode shapes."""
-    size = pow2_bucket(n, MIN_CACHE_BUCKET)
+    """Cache positions a decode chunk reads when its slots will hold at most n: `cache_bucket(n)`, or None (all
+    max_len) once that reaches max_len. Attention reads (and on CPU copies, layer by layer) the positions it
+    attends, so its cost follows this, for at most 2 log2(max_len / 64) compiled decode shapes."""
+    size = cache_bucket(n)
     return None if size >= max_len else size
 
 
@@ -456,36 +456,42 @@ class Request:
                         pass
 
     def __iter__(self) -> Iterator[Output]:
-        ended = 0
-        while ended < self.n:
+        for batch in self.batches():
+            yield from batch
+
+    def batches(self) -> Iterator[list[Output]]:
+        """The outputs as the engine delivers them: a list per decode chunk and sample (a server writes each at
+        once)."""
+        while None in self.finish_reasons:
             item = self._get()
             if item is None:
                 return
             if isinstance(item, BaseException):
                 raise item
             index, tokens, masks, logprobs, reason = item
+            text, batch = self._text[index], []
             for j, (tok, mask) in enumerate(zip(tokens, masks)):
                 if self.finish_reasons[index] is not None:
                     break
-                lp = None if logprobs is None else logprobs[j]
-                last = j == len(tokens) - 1
+                lp, last = None if logprobs is None else logprobs[j], j == len(tokens) - 1
                 if last and reason == "stop":  # the engine's stop token: not text
                     self.finish_reasons[index] = "stop"
-                    yield Output(index, tok, mask, self._text[index].flush(), "stop", lp)
-                    continue
+                    batch.append(Output(index, tok, mask, text.flush(), "stop", lp))
+                    break
                 self.num_tokens[index] += 1
-                text, hit = self._text[index].add(tok)
+                piece, hit = text.add(tok)
                 if hit:
                     self.released.add(index)
                     self.finish_reasons[index] = "stop"
                 elif last and reason:
-                    text += self._text[index].flush()
+                    piece += text.flush()
                     self.finish_reasons[index] = reason
-                yield Output(index, tok, mask, text, self.finish_reasons[index], lp)
+                batch.append(Output(index, tok, mask, piece, self.finish_reasons[index], lp))
             if reason and not tokens:  # max_tokens 0
                 self.finish_reasons[index] = reason
-                yield Output(index, None, 1, "", reason, None)
-            ended = sum(r is not None for r in self.finish_reasons)
+                batch.append(Output(index, None, 1, "", reason, None))
+            if batch:
+                yield batch
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -630,13 +636,13 @@ class Engine:
         token) until all have. Keyword arguments as `submit`; closing the generator cancels the samples."""
         req = self.submit(tokens, num_samples, max_tokens, temperature, top_k, seed=seed, **kwargs)
         rows: list[list[tuple[int, int]]] = [[] for _ in range(num_samples)]
-        t = 0
+        ended, t = [False] * num_samples, 0
         try:
             for out in req:
                 if out.token is not None:
                     rows[out.index].append((out.token, out.mask))
-                while any(len(r) > t for r in rows) and all(
-                        len(r) > t or req.finish_reasons[i] for i, r in enumerate(rows)):
+                ended[out.index] = out.finish_reason is not None
+                while any(len(r) > t for r in rows) and all(len(r) > t or e for r, e in zip(rows, ended)):
                     column = [r[min(t, len(r) - 1)] if r else (self.assistant_end, 1) for r in rows]
                     yield [c[0] for c in column], [c[1] for c in column]
                     t += 1
@@ -760,13 +766,18 @@ class Engine:
         busy = [slot for slot in self._slots if slot is not None]
         prev, self._inflight = self._inflight, None
         if busy or ctl["cancel"].any():
-            ahead = prev[2] if prev else 0  # tokens the chunk in flight may add
             steps = max(1, self.spec.decode_chunk // 4) if any(s.fresh for s in busy) else self.spec.decode_chunk
-            hold = max((min(len(s.req.tokens) + s.emitted + ahead + steps, len(s.req.tokens) + s.req.budget)
-                        for s in busy), default=1)
+            # positions a slot may hold when this chunk starts (the chunk in flight may add its steps), and at most
+            start = [len(s.req.tokens) + s.emitted + (prev[2] if prev else 0) for s in busy]
+            end = [len(s.req.tokens) + s.req.budget for s in busy]
+            attend = self._attend(max([min(p + steps, e) for p, e in zip(start, end)], default=1))
+            edge = self._attend(max([min(p + 1, e) for p, e in zip(start, end)], default=1))
+            if edge != attend:  # end the chunk where it would need the next, wider, attend bucket
+                steps = min(edge - p for p, e in zip(start, end) if e > edge)
+                attend = edge
             wide = any(s.req.temperature > 0 and (s.req.top_k > SMALL_TOP_K or (s.req.top_p < 1 and not s.req.top_k))
                        for s in busy)
-            variant = (self._attend(hold), MAX_TOP_K if wide else SMALL_TOP_K,
+            variant = (attend, MAX_TOP_K if wide else SMALL_TOP_K,
                        any(s.req.logprobs is not None for s in busy))
             ctl["num_steps"] = np.int32(steps)
             self._state, out = _program(self.spec, "decode", *variant)(self.decode_params, self._state, ctl)

@@ -286,14 +286,15 @@ class _Call:
         self.t0 = time.perf_counter()
         self._ended = threading.Lock()
 
-    def outputs(self):
+    def batches(self):
+        """The request's outputs, a list per engine delivery; counts the tokens as they come."""
         counted = 0
-        for out in self.req:
-            self.texts[out.index] += out.text
-            if sum(self.req.num_tokens) > counted:
-                self.stats.token(sum(self.req.num_tokens) - counted)
-                counted = sum(self.req.num_tokens)
-            yield out
+        for batch in self.req.batches():
+            for out in batch:
+                self.texts[out.index] += out.text
+            self.stats.token(sum(self.req.num_tokens) - counted)
+            counted = sum(self.req.num_tokens)
+            yield batch
 
     def end(self, finished: bool) -> None:
         if not self._ended.acquire(blocking=False):
@@ -416,9 +417,9 @@ def create_app(engine, tokenizer, defaults: Defaults | None = None) -> Flask:
             finished = False
             try:
                 try:
-                    for out in call.outputs():
-                        if out.text:
-                            yield _sse({"token": out.text, "gpu": gpu})
+                    for batch in call.batches():
+                        if any(out.text for out in batch):
+                            yield "".join(_sse({"token": out.text, "gpu": gpu}) for out in batch if out.text)
                 except Exception as e:  # engine failure: tell the client, keep serving others
                     logger.exception("[%s] generation failed", call.id)
                     yield _sse({"error": f"generation failed: {type(e).__name__}"})
@@ -452,7 +453,7 @@ def create_app(engine, tokenizer, defaults: Defaults | None = None) -> Flask:
         if not p["stream"]:
             finished = False
             try:
-                for _ in call.outputs():
+                for _ in call.batches():
                     pass
                 finished = True
             except Exception as e:
@@ -474,13 +475,13 @@ def create_app(engine, tokenizer, defaults: Defaults | None = None) -> Flask:
                     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                   "finish_reason": None}])
                 try:
-                    for out in call.outputs():
-                        if out.text:
-                            yield chunk([{"index": out.index, "delta": {"content": out.text}, "logprobs": None,
-                                          "finish_reason": None}])
-                        if out.finish_reason is not None:
-                            yield chunk([{"index": out.index, "delta": {}, "logprobs": None,
-                                          "finish_reason": out.finish_reason}])
+                    for batch in call.batches():
+                        events = [chunk([{"index": out.index, "delta": delta, "logprobs": None, "finish_reason": why}])
+                                  for out in batch for delta, why in (({"content": out.text}, None),
+                                                                      ({}, out.finish_reason)) if out.text and
+                                  delta or why]
+                        if events:
+                            yield "".join(events)
                     if p["include_usage"]:
                         yield chunk([], usage=usage())
                 except Exception as e:

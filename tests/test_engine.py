@@ -77,7 +77,8 @@ def test_bucket():
 
 
 def test_attend_bucket():
-    assert [attend_bucket(n, 256) for n in (1, 64, 65, 128, 129, 256)] == [64, 64, 128, 128, None, None]
+    assert [attend_bucket(n, 256) for n in (1, 64, 65, 97, 128, 129, 193, 256)] == [64, 64, 96, 128, 128, 192, None,
+                                                                                     None]
     assert attend_bucket(58, 96) == 64 and attend_bucket(66, 96) is None  # the whole cache: None, one shape
 
 

@@ -1,41 +1,36 @@
 """Inference engine: slots over one KV cache, driven by three jitted programs (prefill, insert, decode chunk).
 
 Sources: nanochat `nanochat/engine.py` (sampling, the calculator tool, the `generate` / `generate_batch` contract);
-MaxText `maxengine.py` and JetStream (one prefill, one insert of a prefilled request into a decode slot, one
-generate step over all slots), vLLM (continuous batching, per-request sampling, raw logprobs).
+MaxText `maxengine.py` (prefill, insert into a decode slot, one generate step over all slots); vLLM (continuous
+batching, per-request sampling, raw logprobs).
 
-The engine holds `max_batch` slots over one KV cache of `max_len` positions per slot. A request (a prompt and n
-samples) is prefilled once, its cache is copied into n free slots, and all slots then advance together, up to
-`decode_chunk` tokens per host round-trip. Each slot has its own temperature, top-k, top-p, key, token budget,
-stop tokens and forced tool tokens; one sampler serves them all. Requests join and leave at chunk boundaries, so
-a request's greedy output does not depend on what else runs (rows never mix).
+`max_batch` slots share one KV cache of `max_len` positions per slot. A request (a prompt, n samples) is prefilled
+once and copied into n free slots; all slots advance together, up to `decode_chunk` tokens per host round-trip,
+each with its own temperature, top-k, top-p, key, budget, stop tokens and forced tool tokens (one sampler).
+Requests join and leave at chunk boundaries; rows never mix, so a greedy output does not depend on the others.
 
 Programs. `engine_programs(config, mesh, max_batch, max_len, prompt_len=...)` returns {name: (jitted, abstract
-args)} for lowering on any mesh (`jitted.lower(*args)`, e.g. for described GPUs), and `Engine` runs the very same
-jitted objects (`_program`):
+args)}, lowerable on any mesh (`jitted.lower(*args)`, e.g. described GPUs); `Engine` runs the same jitted objects:
 
     prefill(params, idx int32 (1, Tb), valid_len int32 (1,)) -> (prefix cache of Tb positions, logits f32 (1, V))
     insert(state, prefix, logits, slot int32 (), request) -> state          the slot overwritten; state donated
     decode(decode_params, state, ctl) -> (state, out)                       up to decode_chunk steps; state donated
 
-`state` (`init_state`) is the KV cache plus per-slot arrays, its slot axis sharded over the mesh
-(`jaxchat.sharding.ENGINE_STATE_RULES`); params are replicated. `request` holds one slot's settings
-(`_request_fields`); `ctl` (`_ctl_fields`) carries the host's per-chunk edits: cancel, resume after a tool call,
-forced tokens. `out` holds, per slot and step, the token (-1 where the slot did not emit), the mask (1 sampled, 0
-forced) and, in the `logprobs=True` variant, the chosen token's log-probability and the top TOP_LOGPROBS. Prompt
-lengths are right-padded to power-of-two buckets; a decode chunk attends only to the cache positions its slots can
-reach (`attend_bucket`); so `Engine.warmup()` compiles every shape a request can meet.
+`state` (`init_state`): the KV cache and per-slot arrays, the slot axis sharded over the mesh
+(`jaxchat.sharding.ENGINE_STATE_RULES`), params replicated. `request`: one slot's settings (`_request_fields`);
+`ctl` (`_ctl_fields`): the host's edits per chunk (cancel, resume after a tool call, forced tokens). `out`, per slot
+and step: the token (-1: none), the mask (1 sampled, 0 forced) and, in the `logprobs=True` variant, its
+log-probability and the top TOP_LOGPROBS. Prompts are padded to power-of-two buckets and a chunk attends only to
+the positions its slots reach (`attend_bucket`), so `Engine.warmup()` compiles every shape a request can meet.
+Platform choices follow the mesh (`jaxchat.backend`): on CPU, weights stored (in, out) for decode
+(`swap_matrices`) and argmax as two reductions.
 
-Platform choices come from the mesh's devices (`jaxchat.backend`): on CPU the decode program reads a copy of the
-weight matrices stored (in, out) (`swap_matrices`) and takes greedy argmax as two reductions.
-
-Host side: `Engine.submit` queues a request (bounded by max_queue: `QueueFull`) for the scheduler thread and
-returns a `Request`, which yields `Output`s: the token, its mask, the text it adds (whole characters, stop strings
-cut, text that may begin a stop string held back), the logprobs, and finish_reason ("stop"/"length") from the
-engine. `generate` / `generate_batch` run the same scheduler step in the caller's thread (no thread when none runs).
-Calculator tool use as nanochat: after <|python_end|> the slot pauses, the host runs `use_calculator` on the python
-block and forces <|output_start|> result <|output_end|> (mask 0). Without a tokenizer the engine decodes tokens
-only (no stop tokens, no tools, no text).
+Host side: `Engine.submit` queues a request (bounded: `QueueFull`) and returns a `Request` yielding `Output`s: the
+token, its mask, the text it adds (whole characters, cut at a stop string, what may begin one held back), logprobs
+and the engine's finish_reason. A server runs the scheduler thread (`start`); otherwise iterating a request runs
+the scheduler in the caller's thread (`generate`, `generate_batch`). Tool use as nanochat's: after <|python_end|>
+the slot pauses, the host runs `use_calculator` on the block and forces <|output_start|> result <|output_end|>
+(mask 0). Without a tokenizer the engine decodes tokens only (no stop tokens, tools or text).
 """
 
 from __future__ import annotations
@@ -110,20 +105,11 @@ def swap_matrices(params):
 
 def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
            kmax: int = MAX_TOP_K, two_reduction_argmax: bool = False) -> jax.Array:
-    """One token per row, each row with its own settings (nanochat `sample_next_token`, plus top-p).
-
-    Args:
-        logits: float32 (B, V).
-        keys: uint32 (B, 2), one `jax.random` key per row.
-        temperature: float32 (B,); 0 is greedy (argmax, the first index on ties).
-        top_k: int32 (B,); > 0 keeps the k most likely tokens (at most kmax), 0 keeps all.
-        top_p: float32 (B,) in (0, 1]; < 1 keeps the smallest set of most likely tokens whose probability reaches
-            top_p (nucleus sampling, Holtzman et al. 2019), among the kmax most likely.
-        kmax: static; candidates drawn for top-k / top-p rows.
-        two_reduction_argmax: static; greedy as max then first index (`jaxchat.backend.two_reduction_argmax`).
-    Returns:
-        int32 (B,) token ids.
-    """
+    """int32 (B,): one token per row of float32 logits (B, V), each row with its own settings (nanochat
+    `sample_next_token`, plus top-p). keys: uint32 (B, 2), one per row; temperature float32 (B,), 0 greedy (argmax,
+    first index on ties); top_k int32 (B,), > 0 keeps the k most likely (at most kmax), 0 all; top_p float32 (B,) in
+    (0, 1], < 1 keeps the smallest most likely set reaching top_p (nucleus sampling, Holtzman et al. 2019) among
+    the kmax most likely. Static: kmax, two_reduction_argmax (`jaxchat.backend.two_reduction_argmax`)."""
     V = logits.shape[-1]
     if two_reduction_argmax:
         best = jnp.max(logits, axis=-1, keepdims=True)
@@ -168,39 +154,32 @@ class _Spec:
     def platform(self) -> str:
         return backend.platform_of(self.mesh)
 
-    @property
-    def cache_dtype(self):
-        return backend.compute_dtype(self.platform)
-
 
 def init_state(spec: _Spec) -> dict:
-    """The slots' device state: {'cache': `jaxchat.model.init_kv_cache`, 'logits' float32 (B, V) for each slot's
-    next token, 'done' bool (B,) (not emitting: free, finished, cancelled or paused for the tool), 'step' int32 (B,)
-    tokens emitted (folded into 'key', uint32 (B, 2)), 'budget' int32 (B,) tokens it may still emit, 'forced' int32
-    (B, FORCED_SLOTS) / 'forced_len' / 'forced_ptr' the tool tokens to emit next, 'pending' bool (B,) (the host
-    holds more of them: pause when the buffer drains), and the settings 'temperature', 'top_k', 'top_p',
-    'stop_ids' of `_request_fields`}."""
-    B, f32, i32 = spec.max_batch, jnp.float32, jnp.int32
-    settings = {k: jnp.zeros((B,) + x.shape, x.dtype) for k, x in _request_fields().items() if k not in ("seed", "index")}
-    return {"cache": gpt.init_kv_cache(spec.config, B, spec.max_len, spec.cache_dtype), **settings,
-            "key": jnp.zeros((B, 2), jnp.uint32), "logits": jnp.zeros((B, spec.config.vocab_size), f32),
-            "done": jnp.ones((B,), bool), "step": jnp.zeros((B,), i32), "forced": jnp.zeros((B, FORCED_SLOTS), i32),
-            "forced_len": jnp.zeros((B,), i32), "forced_ptr": jnp.zeros((B,), i32), "pending": jnp.zeros((B,), bool)}
+    """The slots' device state: 'cache' (`jaxchat.model.init_kv_cache`), 'logits' float32 (B, V) of each slot's
+    next token, 'done' bool (B,) (not emitting: free, finished, cancelled, paused for the tool), 'step' int32 (B,)
+    tokens emitted (folded into 'key' uint32 (B, 2)), 'budget' (B,) tokens left, 'forced' (B, FORCED_SLOTS) /
+    'forced_len' / 'forced_ptr' the tool tokens to emit next, 'pending' (more wait on the host: pause when drained),
+    and the settings of `_request_fields`."""
+    B, i32 = spec.max_batch, np.int32
+    slots = {k: (np.shape(x), x.dtype) for k, x in _request_fields().items() if k not in ("seed", "index")}
+    slots.update(key=((2,), np.uint32), logits=((spec.config.vocab_size,), np.float32), step=((), i32),
+                 forced=((FORCED_SLOTS,), i32), forced_len=((), i32), forced_ptr=((), i32), pending=((), bool))
+    return {"cache": gpt.init_kv_cache(spec.config, B, spec.max_len, backend.compute_dtype(spec.platform)),
+            "done": jnp.ones((B,), bool), **{k: jnp.zeros((B,) + shape, dtype) for k, (shape, dtype) in slots.items()}}
 
 
 def _request_fields() -> dict:
-    """One slot's settings, as insert receives them: 'seed' uint32 (2,) (`jax.random.PRNGKey(seed)`'s data) and
-    'index' int32 () (the sample: the slot's key is the seed's folded with it), 'temperature', 'top_k', 'top_p', the
-    token 'budget' and 'stop_ids' (-1 pads)."""
+    """One slot's settings, as insert takes them: 'seed' uint32 (2,) (`PRNGKey(seed)`'s data), 'index' (the sample:
+    the key is the seed's folded with it), 'temperature', 'top_k', 'top_p', 'budget', 'stop_ids' (-1 pads)."""
     return {"seed": np.zeros((2,), np.uint32), "index": np.int32(0), "temperature": np.float32(0),
             "top_k": np.int32(0), "top_p": np.float32(1), "budget": np.int32(0),
             "stop_ids": np.full((MAX_STOP_IDS,), -1, np.int32)}
 
 
 def _ctl_fields(spec: _Spec) -> dict:
-    """The host's edits applied at the start of a decode chunk: 'cancel' / 'resume' bool (B,) (stop a slot; let a
-    paused one go on), 'forced' int32 (B, FORCED_SLOTS) with 'forced_len' > 0 loading a slot's buffer and
-    'pending' its flag, and 'num_steps' () the chunk's length (<= decode_chunk)."""
+    """The host's edits at the start of a decode chunk: 'cancel' / 'resume' bool (B,), 'forced' (B, FORCED_SLOTS)
+    loaded where 'forced_len' > 0 (with its 'pending' flag), and 'num_steps' () the chunk's length."""
     B = spec.max_batch
     return {"cancel": np.zeros((B,), bool), "resume": np.zeros((B,), bool),
             "forced": np.zeros((B, FORCED_SLOTS), np.int32), "forced_len": np.zeros((B,), np.int32),
@@ -209,15 +188,14 @@ def _ctl_fields(spec: _Spec) -> dict:
 
 def _prefill(spec: _Spec, params, idx, valid_len):
     with backend.use(spec.mesh):  # the model's dtypes and kernels follow the mesh, also under --compile-for
-        cache = gpt.init_kv_cache(spec.config, 1, idx.shape[1], spec.cache_dtype)
+        cache = gpt.init_kv_cache(spec.config, 1, idx.shape[1], backend.compute_dtype(spec.platform))
         logits, cache = spec.forward_fn(params, spec.config, idx, kv_cache=cache, valid_len=valid_len)
         return cache, jax.lax.dynamic_slice_in_dim(logits[0], valid_len[0] - 1, 1, axis=0)
 
 
 def _insert(spec: _Spec, state, prefix, logits, slot, request):
-    # Each cache entry is written along its slot axis (k, v: axis 1, the rest: axis 0, `init_kv_cache`); positions
-    # past the prompt keep an earlier request's values, which no query reads: decode writes each position before
-    # attending to it.
+    # Each cache entry is written along its slot axis (k, v: axis 1, the rest: axis 0, `init_kv_cache`). Positions
+    # past the prompt keep an earlier request's values: none is read before decode writes it.
     def put(big, small, axis):
         start = [jnp.int32(0)] * big.ndim
         start[axis] = slot
@@ -234,12 +212,11 @@ def _insert(spec: _Spec, state, prefix, logits, slot, request):
 
 def _decode(spec: _Spec, attend_len: int | None, kmax: int, logprobs: bool, params, state, ctl):
     B, C, cfg = spec.max_batch, spec.decode_chunk, spec.config
-    load = ctl["forced_len"] > 0
-    state = dict(state, done=(state["done"] | ctl["cancel"]) & ~ctl["resume"],
-                 forced=jnp.where(load[:, None], ctl["forced"], state["forced"]),
-                 forced_len=jnp.where(load, ctl["forced_len"], state["forced_len"]),
-                 forced_ptr=jnp.where(load, 0, state["forced_ptr"]), pending=jnp.where(load, ctl["pending"],
-                                                                                        state["pending"]))
+    load = ctl["forced_len"] > 0  # the host's edits: new forced buffers, cancelled and resumed slots
+    edits = {k: jnp.where(load.reshape((-1,) + (1,) * (ctl[k].ndim - 1)), ctl[k], state[k])
+             for k in ("forced", "forced_len", "pending")}
+    state = dict(state, **edits, done=(state["done"] | ctl["cancel"]) & ~ctl["resume"],
+                 forced_ptr=jnp.where(load, 0, state["forced_ptr"]))
     out = {"tokens": jnp.full((B, C), -1, jnp.int32), "masks": jnp.zeros((B, C), jnp.int32)}
     if logprobs:
         out.update(logprob=jnp.zeros((B, C), jnp.float32), top_logprobs=jnp.zeros((B, C, TOP_LOGPROBS), jnp.float32),
@@ -285,58 +262,52 @@ def _decode(spec: _Spec, attend_len: int | None, kmax: int, logprobs: bool, para
     return state, out
 
 
+def _shardings(spec: _Spec):
+    """(replicated, the state's, the ctl's): the slot axis split over the mesh, the rest replicated."""
+    rep, slots = NamedSharding(spec.mesh, P()), NamedSharding(spec.mesh, P(shd.BATCH_AXES))
+    state = shd.tree_shardings(jax.eval_shape(functools.partial(init_state, spec)), spec.mesh, shd.ENGINE_STATE_RULES)
+    return rep, state, jax.tree.map(lambda x: slots if np.ndim(x) else rep, _ctl_fields(spec))
+
+
 @functools.lru_cache(maxsize=None)
 def _program(spec: _Spec, name: str, *variant):
     """The jitted program `name` ("init", "prefill", "insert", "decode" + (attend_len, kmax, logprobs)) of `spec`,
     with its shardings; one object per variant, shared by every engine of the same spec."""
-    rep = NamedSharding(spec.mesh, P())
-    state_sh = shd.tree_shardings(jax.eval_shape(functools.partial(init_state, spec)), spec.mesh, shd.ENGINE_STATE_RULES)
+    rep, state, ctl = _shardings(spec)
     if name == "init":
-        return jax.jit(functools.partial(init_state, spec), out_shardings=state_sh)
+        return jax.jit(functools.partial(init_state, spec), out_shardings=state)
     if name == "prefill":
         return jax.jit(functools.partial(_prefill, spec), in_shardings=rep, out_shardings=rep)
     if name == "insert":
-        return jax.jit(functools.partial(_insert, spec), in_shardings=(state_sh, rep, rep, rep, rep),
-                       out_shardings=state_sh, donate_argnums=0)
-    slots = NamedSharding(spec.mesh, P(shd.BATCH_AXES))
-    ctl_sh = jax.tree.map(lambda x: slots if np.ndim(x) else rep, _ctl_fields(spec))
-    return jax.jit(functools.partial(_decode, spec, *variant), in_shardings=(rep, state_sh, ctl_sh),
-                   out_shardings=(state_sh, slots), donate_argnums=1)
+        return jax.jit(functools.partial(_insert, spec), in_shardings=(state, rep, rep, rep, rep), out_shardings=state,
+                       donate_argnums=0)
+    return jax.jit(functools.partial(_decode, spec, *variant), in_shardings=(rep, state, ctl),
+                   out_shardings=(state, ctl["cancel"]), donate_argnums=1)
 
 
 def engine_programs(config: gpt.GPTConfig, mesh: Mesh, max_batch: int, max_len: int, *, prompt_len: int,
                     decode_chunk: int = DECODE_CHUNK, attend_len: int | None = None, kmax: int = SMALL_TOP_K,
                     logprobs: bool = False) -> dict[str, tuple[Callable, tuple]]:
-    """The engine's programs for `mesh`, as {"prefill", "insert", "decode": (jitted, abstract args)}: what `Engine`
-    runs, lowerable without params or devices (`jitted.lower(*args).compile()`; a mesh of described GPUs works).
-
-    Args:
-        config: the model. mesh: a `jaxchat.sharding.make_mesh` mesh; the slots are split over all its devices.
-        max_batch: slots (a multiple of the mesh size). max_len: positions per slot.
-        prompt_len: the prompt, padded to its bucket for prefill and insert.
-        decode_chunk, attend_len, kmax, logprobs: the decode variant (see `_decode`, `sample`).
-    Returns:
-        abstract args are `jax.ShapeDtypeStruct`s with shardings: params (`param_shapes`, on CPU swapped for decode).
-    """
+    """{"prefill", "insert", "decode": (jitted, abstract args)}: the programs `Engine` runs, for `mesh` (a
+    `jaxchat.sharding.make_mesh` mesh, e.g. of described GPUs; the slots split over it), max_batch slots (a
+    multiple of its size) of max_len positions, a prompt of prompt_len tokens (its bucket) and the decode variant
+    (attend_len, kmax, logprobs). The args are `ShapeDtypeStruct`s with shardings: `jitted.lower(*args)` needs no
+    params or devices."""
     spec = _Spec(config, mesh, max_batch, max_len, decode_chunk)
-    rep = NamedSharding(mesh, P())
+    rep, _, ctl = _shardings(spec)
+    abstract = lambda tree, sh=None: shd.abstract_with_shardings(tree, sh or jax.tree.map(lambda _: rep, tree))  # noqa
     with backend.use(mesh):
-        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), gpt.param_shapes(config))
+        params = abstract(gpt.param_shapes(config))
+    prompt = abstract((np.zeros((1, min(pow2_bucket(prompt_len, MIN_PROMPT_BUCKET), max_len)), np.int32),
+                       np.zeros((1,), np.int32)))
+    prefix = abstract(jax.eval_shape(_program(spec, "prefill"), params, *prompt))
     state = jax.eval_shape(_program(spec, "init"))
-    Tb = min(pow2_bucket(prompt_len, MIN_PROMPT_BUCKET), max_len)
-    prefix, logits = jax.eval_shape(_program(spec, "prefill"), params, jax.ShapeDtypeStruct((1, Tb), jnp.int32),
-                                    jax.ShapeDtypeStruct((1,), jnp.int32))
-    abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype, sharding=rep), tree)  # noqa: E731
-    swapped = jax.eval_shape(swap_matrices, params) if backend.decode_weights_swapped(spec.platform) else params
-    return {"prefill": (_program(spec, "prefill"), (params, jax.ShapeDtypeStruct((1, Tb), jnp.int32, sharding=rep),
-                                                     jax.ShapeDtypeStruct((1,), jnp.int32, sharding=rep))),
-            "insert": (_program(spec, "insert"), (state, abstract(prefix), abstract(logits),
-                                                   jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
-                                                   abstract(_request_fields()))),
+    return {"prefill": (_program(spec, "prefill"), (params, *prompt)),
+            "insert": (_program(spec, "insert"), (state, *prefix, abstract(np.int32(0)), abstract(_request_fields()))),
             "decode": (_program(spec, "decode", attend_len, kmax, logprobs),
-                       (abstract(swapped), state, jax.tree.map(
-                           lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=NamedSharding(
-                               mesh, P(shd.BATCH_AXES) if np.ndim(x) else P())), _ctl_fields(spec))))}
+                       (abstract(jax.eval_shape(swap_matrices, params)) if backend.decode_weights_swapped(
+                           spec.platform) else params, state,
+                        abstract(_ctl_fields(spec), ctl)))}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -344,18 +315,14 @@ def engine_programs(config: gpt.GPTConfig, mesh: Mesh, max_batch: int, max_len: 
 
 
 class QueueFull(Exception):
-    """`Engine.submit` refused: every slot is busy and max_queue samples already wait (a server answers 503)."""
+    """`Engine.submit` refused: every slot busy and max_queue samples waiting (a server answers 503)."""
 
 
 class Output(NamedTuple):
-    """One emitted token of a request's sample `index`.
-
-    token: the id (None only on the end of a sample that emitted nothing); mask: 1 sampled, 0 forced by the tool;
-    text: what it adds to the sample's text (see `Request`); finish_reason: "stop" (a stop token, or a stop string)
-    or "length" (max_tokens or the cache), on the sample's last output only; logprobs: None unless the request asked
-    for them, else (log-probability of token, ((id, log-probability), ...) of the top `logprobs` tokens), from the
-    model's distribution before temperature.
-    """
+    """One token of sample `index`: token (None only ending a sample that emitted nothing); mask (1 sampled, 0
+    forced); text it adds; finish_reason "stop" (stop token or string) / "length" (max_tokens, the cache) on the
+    sample's last output; logprobs (when asked): (its log-probability, ((id, log-probability), ...) of the top N),
+    of the model's distribution before temperature."""
     index: int
     token: int | None
     mask: int
@@ -364,31 +331,18 @@ class Output(NamedTuple):
     logprobs: tuple | None
 
 
-def _held_back(text: str, stops) -> int:
-    """Characters at the end of text that could begin a stop string (kept back until they cannot)."""
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), hold, -1):
-            if text.endswith(s[:k]):
-                hold = k
-                break
-    return hold
-
-
 class _Text:
     """A sample's text, decoded incrementally: only whole characters (nanochat's rule: text ending in U+FFFD waits
     for the rest of its bytes), cut at the first stop string, holding back what may begin one."""
 
     def __init__(self, tokenizer, stops):
-        self.tokenizer, self.stops = tokenizer, stops
+        self.decode, self.stops = tokenizer.decode if tokenizer is not None else lambda ids: "", stops
         self.ids, self.mark, self.text, self.sent = [], 0, "", 0
 
     def add(self, token: int) -> tuple[str, bool]:
         """(new text to send, whether a stop string ended the text)."""
-        if self.tokenizer is None:
-            return "", False
         self.ids.append(token)
-        piece = self.tokenizer.decode(self.ids[self.mark:])  # from the last whole character on
+        piece = self.decode(self.ids[self.mark:])  # from the last whole character on
         if piece.endswith("\ufffd"):
             return "", False
         self.text, self.mark = self.text + piece, len(self.ids)
@@ -396,15 +350,15 @@ class _Text:
         if hits:
             out, self.sent = self.text[self.sent:min(hits)], len(self.text)
             return out, True
-        upto = len(self.text) - _held_back(self.text, self.stops)
+        hold = max([k for s in self.stops for k in range(1, min(len(s), len(self.text) + 1))
+                    if self.text.endswith(s[:k])], default=0)  # what may begin a stop string waits
+        upto = len(self.text) - hold
         out, self.sent = self.text[self.sent:upto], max(self.sent, upto)
         return out, False
 
     def flush(self) -> str:
         """The rest of the text at the end (held-back text included, an unfinished character dropped)."""
-        if self.tokenizer is None:
-            return ""
-        text = self.text + self.tokenizer.decode(self.ids[self.mark:]).rstrip("\ufffd")
+        text = self.text + self.decode(self.ids[self.mark:]).rstrip("\ufffd")
         out, self.sent = text[self.sent:], len(text)
         return out
 
@@ -412,18 +366,22 @@ class _Text:
 class Request:
     """One prompt with n samples in an `Engine`; iterate it for `Output`s (samples interleaved, each in order).
 
-    The engine decides finish_reason ("stop" at a stop token, "length" at max_tokens or the cache's end); a stop
-    string ends a sample with "stop" as its text arrives (the token that completed it is the last output, its text
-    cut before the stop string) and frees the sample's slot. `num_tokens[i]`: tokens of sample i so far (its stop
-    token excluded); `finish_reasons[i]`; `slots[i]`: its slot once admitted (`admitted` is set when all are).
-    `cancel()` frees the slots at the next chunk boundary (or drops the request from the queue); iteration then
-    ends. An engine failure is raised by the iteration.
+    A stop string ends a sample with "stop" as its text arrives (its last output is the token that completed it,
+    the text cut before it) and frees its slot. `num_tokens[i]`: sample i's tokens (its stop token excluded);
+    `finish_reasons[i]`; `slots[i]` once admitted (`admitted` is set when all are). `cancel()` frees the slots at
+    the next chunk boundary or drops the request from the queue, and ends the iteration. It raises engine failures.
     """
 
     def __init__(self, tokens, n, budget, temperature, top_k, top_p, seed, stop_ids, stop, logprobs, tokenizer):
-        self.tokens, self.n, self.budget = list(tokens), n, budget
-        self.temperature, self.top_k, self.top_p, self.seed = float(temperature), int(top_k or 0), float(top_p), seed
-        self.stop_ids, self.logprobs = tuple(stop_ids), logprobs
+        self.tokens, self.n, self.budget, self.logprobs = list(tokens), n, budget, logprobs
+        self.stop_ids = tuple(stop_ids)
+        seed &= 0xFFFFFFFFFFFFFFFF  # as jax.random.PRNGKey(seed)'s key data: what insert takes (`_request_fields`)
+        self.settings = dict(_request_fields(), seed=np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32),
+                             temperature=np.float32(temperature), top_k=np.int32(top_k or 0), top_p=np.float32(top_p),
+                             budget=np.int32(budget))
+        self.settings["stop_ids"][:len(stop_ids)] = stop_ids
+        # draws among more than SMALL_TOP_K candidates (the decode chunk's wider sampler variant)
+        self.wide = temperature > 0 and ((top_k or 0) > SMALL_TOP_K or (top_p < 1 and not top_k))
         self.num_tokens, self.finish_reasons, self.slots = [0] * n, [None] * n, [None] * n
         self.admitted = threading.Event()
         self.cancelled = False
@@ -437,8 +395,7 @@ class Request:
     def cancel(self) -> None:
         self.cancelled = True
 
-    def _put(self, index: int, tokens, masks, logprobs, reason: str | None) -> None:
-        """From the engine: sample `index` emitted tokens (and ended, with reason)."""
+    def _put(self, index: int, tokens, masks, logprobs, reason: str | None) -> None:  # the engine's delivery
         self._out.put((index, tokens, masks, logprobs, reason))
 
     def _close(self, error: BaseException | None = None) -> None:
@@ -456,8 +413,7 @@ class Request:
                         pass
 
     def __iter__(self) -> Iterator[Output]:
-        for batch in self.batches():
-            yield from batch
+        return (out for batch in self.batches() for out in batch)
 
     def batches(self) -> Iterator[list[Output]]:
         """The outputs as the engine delivers them: a list per decode chunk and sample (a server writes each at
@@ -473,20 +429,17 @@ class Request:
             for j, (tok, mask) in enumerate(zip(tokens, masks)):
                 if self.finish_reasons[index] is not None:
                     break
-                lp, last = None if logprobs is None else logprobs[j], j == len(tokens) - 1
-                if last and reason == "stop":  # the engine's stop token: not text
-                    self.finish_reasons[index] = "stop"
-                    batch.append(Output(index, tok, mask, text.flush(), "stop", lp))
-                    break
-                self.num_tokens[index] += 1
-                piece, hit = text.add(tok)
-                if hit:
+                last, stop_token = j == len(tokens) - 1, j == len(tokens) - 1 and reason == "stop"
+                piece, hit = ("", False) if stop_token else text.add(tok)  # a stop token is not text
+                self.num_tokens[index] += not stop_token
+                if hit:  # a stop string: this sample is done, its slot freed at the next step
                     self.released.add(index)
                     self.finish_reasons[index] = "stop"
                 elif last and reason:
                     piece += text.flush()
                     self.finish_reasons[index] = reason
-                batch.append(Output(index, tok, mask, piece, self.finish_reasons[index], lp))
+                batch.append(Output(index, tok, mask, piece, self.finish_reasons[index],
+                                    None if logprobs is None else logprobs[j]))
             if reason and not tokens:  # max_tokens 0
                 self.finish_reasons[index] = reason
                 batch.append(Output(index, None, 1, "", reason, None))
@@ -512,45 +465,35 @@ class _Slot:
 class Engine:
     """KV-cached generation over `max_batch` slots (nanochat `Engine`'s contract, with continuous batching).
 
-    Args:
-        params: the model params pytree (`jaxchat.model`); put replicated on `devices`.
-        config: its `GPTConfig`.
-        tokenizer: optional `jaxchat.tokenizer.Tokenizer` (anything with `encode`, `decode`, `encode_special`,
-            `get_bos_token_id`). With it, samples stop at <|assistant_end|> or <|bos|>, python blocks run the
-            calculator and outputs carry text; without it the engine decodes tokens only.
-        max_batch: slots, samples decoded together (a multiple of len(devices)); more samples wait in the queue.
-        max_len: positions per slot (default `cache_bucket(config.sequence_len)`); a prompt must leave one free,
-            and max_tokens is cut to the room left (finish_reason "length").
-        max_queue: samples that may wait for a slot; `submit` raises QueueFull beyond.
-        devices: the devices the slots are split over (default: the first device of params).
-        decode_chunk: tokens per host round-trip (streaming granularity against host overhead).
-        forward_fn: the cached forward, `forward(params, config, idx, kv_cache=..., valid_len=...) -> (logits,
-            cache)`; default `jaxchat.model.forward` (also passed `attend_len`). Tests inject scripted models.
-    Raises:
-        ValueError: max_batch, decode_chunk or max_len below 1, or max_batch not a multiple of the devices.
+    Args: params (`jaxchat.model`), put replicated on `devices`; config, its `GPTConfig`; tokenizer, optional
+    (`encode`, `decode`, `encode_special`, `get_bos_token_id`): with it samples stop at <|assistant_end|> or <|bos|>,
+    python blocks run the calculator, outputs carry text. max_batch: slots, a multiple of len(devices) (more samples
+    wait). max_len: positions per slot (default `cache_bucket(config.sequence_len)`); max_tokens is cut to the room
+    a prompt leaves ("length"). max_queue: samples that may wait (then QueueFull). devices: the slots' devices
+    (default: params' first). decode_chunk: tokens per host round-trip. forward_fn: `forward(params, config, idx,
+    kv_cache=..., valid_len=...) -> (logits, cache)`, default `jaxchat.model.forward` (tests inject scripted ones).
+    Raises ValueError: max_batch or decode_chunk below 1, max_len below 2, max_batch not a multiple of the devices.
     """
 
     def __init__(self, params, config: gpt.GPTConfig, tokenizer=None, *, max_batch: int = 1, max_len: int | None = None,
-                 max_queue: int = 64, devices=None, decode_chunk: int = DECODE_CHUNK, forward_fn: Callable | None = None):
+                 max_queue: int = 64, devices=None, decode_chunk: int = DECODE_CHUNK, forward_fn=gpt.forward):
         if devices is None:
             leaf = next((x for x in jax.tree.leaves(params) if isinstance(x, jax.Array)), None)
             devices = [min(leaf.devices(), key=lambda d: d.id)] if leaf is not None else jax.devices()[:1]
-        if max_batch < 1 or decode_chunk < 1 or (max_len is not None and max_len < 2):
-            raise ValueError(f"max_batch={max_batch}, decode_chunk={decode_chunk} must be >= 1, max_len={max_len} >= 2")
-        if max_batch % len(devices):
-            raise ValueError(f"max_batch={max_batch} must be a multiple of the {len(devices)} devices")
+        if max_batch < 1 or max_batch % len(devices) or decode_chunk < 1 or (max_len is not None and max_len < 2):
+            raise ValueError(f"max_batch={max_batch} must be a multiple of the {len(devices)} devices, decode_chunk="
+                             f"{decode_chunk} >= 1, max_len={max_len} >= 2")
         self.tokenizer, self.config, self.max_queue = tokenizer, config, max_queue
         special = tokenizer.encode_special if tokenizer is not None else lambda name: -1
-        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
-        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
-        self.assistant_end = special("<|assistant_end|>")
-        self.bos = tokenizer.get_bos_token_id() if tokenizer is not None else -1
-        self.stop_ids = (self.assistant_end, self.bos) if tokenizer is not None else ()
+        self.python_start, self.python_end, self.output_start, self.output_end, self.assistant_end = (
+            special(f"<|{name}|>") for name in ("python_start", "python_end", "output_start", "output_end",
+                                                "assistant_end"))
+        self.stop_ids = (self.assistant_end, tokenizer.get_bos_token_id()) if tokenizer is not None else ()
         mesh = shd.make_mesh(1, devices)
         self.spec = _Spec(config, mesh, max_batch, max_len or cache_bucket(config.sequence_len), decode_chunk,
-                          forward_fn or gpt.forward, self.python_end)
+                          forward_fn, self.python_end)
         self.max_batch, self.max_len, self.num_devices = max_batch, self.spec.max_len, len(devices)
-        self.cache_dtype = jnp.dtype(self.spec.cache_dtype)
+        self.cache_dtype = backend.compute_dtype(self.spec.platform)
         self.params = jax.device_put(params, NamedSharding(mesh, P()))
         self.decode_params = swap_matrices(self.params) if backend.decode_weights_swapped(self.spec.platform) \
             else self.params
@@ -558,7 +501,7 @@ class Engine:
         self._cv = threading.Condition()  # guards the queue and the thread's start and stop
         self._drive = threading.Lock()  # one scheduler step at a time (the thread's or a synchronous caller's)
         self._slots: list[_Slot | None] = [None] * max_batch
-        self._state, self._inflight, self._thread, self._closing, self._atexit = None, None, None, False, False
+        self._state, self._inflight, self._thread, self._closing = None, None, None, False
 
     # ------------------------------------------------------------------------------------------------ public API
     @property
@@ -577,18 +520,12 @@ class Engine:
     def submit(self, tokens: list[int], n: int = 1, max_tokens: int | None = None, temperature: float = 1.0,
                top_k: int | None = None, top_p: float = 1.0, seed: int = 42, stop: tuple[str, ...] = (),
                logprobs: int | None = None, stop_token_ids: tuple[int, ...] | None = None) -> Request:
-        """Queue n samples of a prompt; returns their `Request` at once. The scheduler thread (`start`) serves it;
-        without one, iterating the request runs the scheduler in the caller's thread.
-
-        tokens: the prompt ids. max_tokens: most tokens per sample (None: up to the cache's end). temperature 0 is
-        greedy; top_k None or 0 keeps all; top_p 1 keeps all. seed: sample i draws from
-        `fold_in(PRNGKey(seed), i)` folded with its step. stop: strings that end a sample's text.
-        logprobs: None, or N in [0, TOP_LOGPROBS]: each output carries its token's log-probability and the top N.
-        stop_token_ids: default <|assistant_end|>, <|bos|> (none without a tokenizer).
-        Raises:
-            TypeError / ValueError: malformed arguments, or a prompt leaving no room in the cache.
-            QueueFull: the slots are busy and max_queue samples already wait.
-        """
+        """Queue n samples of the prompt `tokens`; returns their `Request` at once (served by the scheduler
+        thread, or else by iterating the request). max_tokens per sample (None: to the cache's end); temperature 0
+        greedy; top_k None/0 and top_p 1 keep all; sample i draws from `fold_in(PRNGKey(seed), i)` folded with its
+        step; stop: strings ending a sample's text; logprobs: None or N <= TOP_LOGPROBS (each output's
+        log-probability and top N); stop_token_ids default <|assistant_end|>, <|bos|> (none without a tokenizer).
+        Raises TypeError / ValueError (bad arguments, a prompt leaving no room), QueueFull."""
         if not isinstance(tokens, (list, tuple)) or not tokens or \
                 not all(isinstance(t, (int, np.integer)) for t in tokens):
             raise TypeError("tokens must be a non-empty list of ints")
@@ -613,8 +550,12 @@ class Engine:
             if self.busy_slots + self.queued + n > self.max_batch + self.max_queue:
                 raise QueueFull(f"{self.busy_slots} of {self.max_batch} slots busy and {self.queued} samples "
                                 f"queued (max_queue={self.max_queue})")
-            self._queue.append(req)
-            self._cv.notify()
+            if req.budget == 0:  # max_tokens 0: ended at once
+                for i in range(n):
+                    req._put(i, [], [], None, "length")
+            else:
+                self._queue.append(req)
+                self._cv.notify()
         return req
 
     def start(self) -> None:
@@ -624,16 +565,13 @@ class Engine:
                 self._closing = False
                 self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
                 self._thread.start()
-                if not self._atexit:
-                    atexit.register(self.close)
-                    self._atexit = True
+                atexit.register(self.close)
 
     def generate(self, tokens: list[int], num_samples: int = 1, max_tokens: int | None = None,
                  temperature: float = 1.0, top_k: int | None = None, seed: int = 42,
                  **kwargs) -> Iterator[tuple[list[int], list[int]]]:
-        """Stream (token_column, mask_column), lists of num_samples ints per step (nanochat `Engine.generate`):
-        mask 1 for sampled tokens, 0 for forced tool tokens. A sample that ended repeats its last token (its stop
-        token) until all have. Keyword arguments as `submit`; closing the generator cancels the samples."""
+        """Stream (token_column, mask_column), num_samples ints per step (nanochat `Engine.generate`; mask 0: forced
+        tool tokens). An ended sample repeats its last token. Keyword arguments as `submit`; closing cancels."""
         req = self.submit(tokens, num_samples, max_tokens, temperature, top_k, seed=seed, **kwargs)
         rows: list[list[tuple[int, int]]] = [[] for _ in range(num_samples)]
         ended, t = [False] * num_samples, 0
@@ -649,10 +587,9 @@ class Engine:
         finally:
             req.cancel()
 
-    def generate_batch(self, tokens: list[int], num_samples: int = 1, **kwargs) -> tuple[list[list[int]], list[list[int]]]:
-        """Generate to completion (nanochat `Engine.generate_batch`): (sequences, masks), num_samples lists; each
-        sequence is the prompt followed by the sample's tokens without its stop token; masks are 0 over the prompt
-        and forced tokens, 1 over sampled ones. Keyword arguments as `generate`."""
+    def generate_batch(self, tokens: list[int], num_samples: int = 1, **kwargs) -> tuple[list, list]:
+        """(sequences, masks) of num_samples samples (nanochat `Engine.generate_batch`): the prompt and the sample's
+        tokens without its stop token; masks 0 over the prompt and forced tokens, 1 over sampled ones."""
         seqs, masks = [list(tokens) for _ in range(num_samples)], [[0] * len(tokens) for _ in range(num_samples)]
         for out in self.submit(tokens, num_samples, **kwargs):
             if out.token is not None and not (out.finish_reason == "stop" and out.token in self.stop_ids):
@@ -661,15 +598,10 @@ class Engine:
         return seqs, masks
 
     def warmup(self) -> None:
-        """Compile every program a request can meet (prompt buckets, attend buckets, sampler and logprobs variants),
-        so none compiles while serving. Call it before submitting."""
+        """Compile every program a request can meet (prompt and attend buckets, sampler and logprobs variants)."""
         with self._drive:
-            self._ensure_state()
-            sizes, n = [], MIN_PROMPT_BUCKET
-            while not sizes or sizes[-1] < self.max_len:
-                sizes.append(min(pow2_bucket(n, MIN_PROMPT_BUCKET), self.max_len))
-                n = sizes[-1] * 2
-            for size in sizes:
+            self._state = self._state or _program(self.spec, "init")()
+            for size in sorted({min(pow2_bucket(n, MIN_PROMPT_BUCKET), self.max_len) for n in range(1, self.max_len)}):
                 prefix = self._prefill([0] * (size - 1))
                 self._state = _program(self.spec, "insert")(self._state, *prefix, np.int32(0), _request_fields())
             attends = {self._attend(h) for h in range(1, self.max_len + 1)}
@@ -680,8 +612,7 @@ class Engine:
             jax.block_until_ready(self._state)
 
     def close(self) -> None:
-        """Stop the scheduler thread at its next step, ending the running requests (also at interpreter exit, so
-        that no device call is cut off by the runtime's teardown). A later submit starts it again."""
+        """Stop the scheduler thread, ending the running requests (at interpreter exit too: no device call is cut)."""
         with self._cv:
             thread, self._closing = self._thread, True
             self._cv.notify()
@@ -699,30 +630,22 @@ class Engine:
         return True
 
     def _run(self) -> None:
-        try:
-            while True:
-                with self._cv:
-                    while not (self._closing or self._queue or self._inflight or self.busy_slots):
-                        self._cv.wait()
-                    if self._closing:
-                        break
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._closing or self._queue or self._inflight or self.busy_slots)
+                if self._closing:
+                    break
+            try:
                 with self._drive:
                     self._step()
-        except BaseException:  # _step has ended every request with the error; a later submit starts afresh
-            pass
-        finally:
-            with self._cv:
-                self._thread = None
-                if self._closing:
-                    for s, slot in enumerate(self._slots):
-                        if slot is not None:
-                            slot.req._close()
-                            self._slots[s] = None
-                    self._state = self._inflight = None
-
-    def _ensure_state(self) -> None:
-        if self._state is None:
-            self._state, self._inflight = _program(self.spec, "init")(), None
+            except Exception:  # noqa: BLE001 - _step ended its requests with the error; serve on from a fresh state
+                pass
+        with self._cv:
+            self._thread = None
+            if self._closing:  # end the running requests; the device state is stale for the next start
+                for slot in filter(None, self._slots):
+                    slot.req._close()
+                self._slots, self._state, self._inflight = [None] * self.max_batch, None, None
 
     def _prefill(self, tokens: list[int]):
         idx = np.zeros((1, min(pow2_bucket(len(tokens), MIN_PROMPT_BUCKET), self.max_len)), np.int32)
@@ -733,12 +656,12 @@ class Engine:
         return attend_bucket(min(hold, self.max_len), self.max_len) if self.spec.forward_fn is gpt.forward else None
 
     def _step(self) -> bool:
-        """One scheduler step: free the slots of cancelled samples, resume paused ones, admit queued requests
-        (prefill once, insert per sample), dispatch a decode chunk, then hand the previous chunk's tokens to their
-        requests (the device runs one chunk ahead of the host). False when there was nothing to do."""
+        """Free cancelled samples' slots, resume paused ones, admit queued requests (prefill once, insert per
+        sample), dispatch a decode chunk, then hand the previous chunk's tokens to their requests (the device runs a
+        chunk ahead of the host). False when there was nothing to do. A failure ends every request with it."""
         try:
             return self._schedule()
-        except BaseException as e:  # a device failure ends every request with the error, not a hang
+        except BaseException as e:
             with self._cv:
                 for req in [s.req for s in self._slots if s is not None] + list(self._queue):
                     req._close(e)
@@ -748,7 +671,8 @@ class Engine:
             raise
 
     def _schedule(self) -> bool:
-        self._ensure_state()
+        if self._state is None:
+            self._state = _program(self.spec, "init")()
         queued = bool(self._queue)
         ctl = _ctl_fields(self.spec)
         for s, slot in enumerate(self._slots):
@@ -775,9 +699,7 @@ class Engine:
             if edge != attend:  # end the chunk where it would need the next, wider, attend bucket
                 steps = min(edge - p for p, e in zip(start, end) if e > edge)
                 attend = edge
-            wide = any(s.req.temperature > 0 and (s.req.top_k > SMALL_TOP_K or (s.req.top_p < 1 and not s.req.top_k))
-                       for s in busy)
-            variant = (attend, MAX_TOP_K if wide else SMALL_TOP_K,
+            variant = (attend, MAX_TOP_K if any(s.req.wide for s in busy) else SMALL_TOP_K,
                        any(s.req.logprobs is not None for s in busy))
             ctl["num_steps"] = np.int32(steps)
             self._state, out = _program(self.spec, "decode", *variant)(self.decode_params, self._state, ctl)
@@ -795,25 +717,17 @@ class Engine:
                 if not self._queue:
                     return
                 req = self._queue[0]
-                if req.cancelled or req.budget == 0:
+                if req.cancelled:
                     self._queue.popleft()
             if req.cancelled:
                 req._close()
-                continue
-            if req.budget == 0:
-                for i in range(req.n):
-                    req._put(i, [], [], None, "length")
                 continue
             if req._prefix is None:
                 req._prefix = self._prefill(req.tokens)
             while free and req._next < req.n:
                 s = free.pop(0)
-                seed = req.seed & 0xFFFFFFFFFFFFFFFF  # jax.random.PRNGKey(seed)'s key data
-                fields = dict(_request_fields(), seed=np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32),
-                              index=np.int32(req._next), temperature=np.float32(req.temperature),
-                              top_k=np.int32(req.top_k), top_p=np.float32(req.top_p), budget=np.int32(req.budget))
-                fields["stop_ids"][:len(req.stop_ids)] = req.stop_ids
-                self._state = _program(self.spec, "insert")(self._state, *req._prefix, np.int32(s), fields)
+                self._state = _program(self.spec, "insert")(self._state, *req._prefix, np.int32(s),
+                                                            dict(req.settings, index=np.int32(req._next)))
                 self._slots[s], req.slots[req._next] = _Slot(req, req._next), s
                 req._next += 1
             if req._next == req.n:
@@ -825,10 +739,8 @@ class Engine:
     def _process(self, out, slots: list[_Slot | None], steps: int) -> None:
         out = jax.device_get(out)
         for s, slot in enumerate(slots):
-            if slot is None or slot.finished:
-                continue
             n = int((out["tokens"][s] >= 0).sum())
-            if n == 0:
+            if slot is None or slot.finished or n == 0:
                 continue
             ids, masks, req = out["tokens"][s, :n].tolist(), out["masks"][s, :n].tolist(), slot.req
             slot.emitted += n

@@ -1,17 +1,13 @@
 """Chat web server: the chat page, an OpenAI-compatible API and nanochat's streaming API, over one engine.
 
-The job of nanochat's `scripts/chat_web.py` (FastAPI + uvicorn there), written for Flask on werkzeug's threaded
-server. One `jaxchat.engine.Engine` serves every request: its slots (`--max-batch` per device, split over
-`--num-devices` devices) decode together by continuous batching, and its queue is the only one: a request that
-finds it full (`--max-queue` samples waiting) is answered 503 with Retry-After, as is one that gets no slot within
-`Defaults.wait_timeout`. Each request's HTTP thread submits it and turns the engine's outputs (text, finish
-reasons and token counts all come from the engine) into the response; a client that goes away cancels it (WSGI
-`close()`), which frees its slots.
-
-One pipeline: the OpenAI API is the core; nanochat's `/chat/completions` is an adapter over it with nanochat's
-limits (only the roles user and assistant, string content) and its wire format. Prompts are rendered by the
-tokenizer (`Tokenizer.render_conversation`: a system message is merged into the first user turn), which also checks
-the order of roles.
+The job of nanochat's `scripts/chat_web.py`, on Flask and werkzeug's threaded server. One `jaxchat.engine.Engine`
+serves every request: its slots (`--max-batch` per device, over `--num-devices` devices) decode together, and its
+queue is the only one: a request that finds it full (`--max-queue`) or gets no slot within `Defaults.wait_timeout`
+is answered 503 with Retry-After. A request's thread turns the engine's outputs (text, finish reasons, token counts)
+into the response; a client that goes away cancels it (WSGI `close()`), which frees its slots. One pipeline: the
+OpenAI API; nanochat's `/chat/completions` is an adapter over it with nanochat's limits (roles user and assistant,
+string content) and wire format. The tokenizer renders prompts (`Tokenizer.render_conversation`: a system message
+is merged into the first user turn) and checks the order of roles.
 
     python -m serve.app -i sft                     # newest SFT checkpoint, http://127.0.0.1:8000
     python -m serve.app -i base --num-devices 8 --host 0.0.0.0 -p 8000
@@ -31,6 +27,7 @@ Endpoints:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -43,11 +40,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import jax
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.wsgi import get_input_stream
 
-from jaxchat.engine import QueueFull
+from jaxchat.engine import DECODE_CHUNK, Engine, QueueFull
 
 logger = logging.getLogger("jaxchat.serve")
 
@@ -72,12 +70,10 @@ UI_PATH = Path(__file__).with_name("ui.html")
 
 @dataclass
 class Defaults:
-    """Generation defaults and the model's identity, from the command line.
-
-    temperature/top_k/max_tokens apply when a request leaves them out (nanochat: 0.8, 50, 512). max_context is
-    the model's sequence_len in tokens (None: unchecked); a prompt that leaves no room for one token is refused
-    with 400, and max_tokens is cut to the room left. wait_timeout: seconds a request may wait for a slot (503).
-    """
+    """Generation defaults and the model's identity, from the command line: temperature/top_k/max_tokens when a
+    request leaves them out (nanochat: 0.8, 50, 512); max_context, the model's sequence_len (None: unchecked): a
+    prompt leaving no room for one token is a 400, max_tokens is cut to the room left; wait_timeout: seconds a
+    request may wait for a slot (then 503)."""
 
     temperature: float = 0.8
     top_k: int = 50
@@ -88,27 +84,23 @@ class Defaults:
 
 
 class Stats:
-    """Counters for /stats, updated from request threads under one lock."""
+    """Counters for /stats, updated from request threads under one lock: requests_served (streams that ran to the
+    end), requests_active, requests_rejected (503), requests_invalid (400, 413), client_disconnects,
+    tokens_generated, generation_seconds (summed over requests: admission to the last token), and the tokens of the
+    last RATE_WINDOW_S seconds."""
 
     def __init__(self):
-        self._lock = threading.Lock()
-        self.started = time.time()
-        self._started_mono = time.monotonic()
-        self.requests_served = 0  # streams that ran to the end (done event sent)
-        self.requests_active = 0
-        self.requests_rejected = 0  # 503s
-        self.requests_invalid = 0  # 400s
-        self.client_disconnects = 0
-        self.tokens_generated = 0
-        self.generation_seconds = 0.0  # summed over requests: wall time from admission to the last token
-        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last RATE_WINDOW_S seconds
+        self._lock, self.started, self._t0 = threading.Lock(), time.time(), time.monotonic()
+        self.counts = dict.fromkeys(("requests_served", "requests_active", "requests_rejected", "requests_invalid",
+                                     "client_disconnects", "tokens_generated", "generation_seconds"), 0)
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens)
 
     def add(self, **deltas: float) -> None:
         with self._lock:
             for name, d in deltas.items():
-                setattr(self, name, getattr(self, name) + d)
+                self.counts[name] += d
 
-    def token(self, n: int = 1) -> None:
+    def token(self, n: int) -> None:
         """Count n tokens just generated, for the recent-throughput window."""
         now = time.monotonic()
         with self._lock:
@@ -119,52 +111,43 @@ class Stats:
     def snapshot(self) -> dict:
         now = time.monotonic()
         with self._lock:
-            recent = sum(n for t, n in self._recent if t >= now - RATE_WINDOW_S)
-            return {"requests_served": self.requests_served, "requests_active": self.requests_active,
-                    "requests_rejected": self.requests_rejected, "requests_invalid": self.requests_invalid,
-                    "client_disconnects": self.client_disconnects, "tokens_generated": self.tokens_generated,
-                    # per-request decode rate: tokens over the summed time requests spent generating them
-                    "tokens_per_sec": round(self.tokens_generated / self.generation_seconds, 2)
-                    if self.generation_seconds > 0 else 0.0,
-                    # all requests together over the last RATE_WINDOW_S seconds
-                    "tokens_per_sec_recent": round(recent / min(RATE_WINDOW_S, max(now - self._started_mono, 1e-3)),
-                                                   2),
-                    "uptime_s": round(time.time() - self.started, 1)}
+            c, recent = dict(self.counts), sum(n for t, n in self._recent if t >= now - RATE_WINDOW_S)
+        seconds = c.pop("generation_seconds")
+        return {**c, "tokens_per_sec": round(c["tokens_generated"] / seconds, 2) if seconds > 0 else 0.0,  # per request
+                "tokens_per_sec_recent": round(recent / min(RATE_WINDOW_S, max(now - self._t0, 1e-3)), 2),  # all
+                "uptime_s": round(time.time() - self.started, 1)}
 
 
 class BadRequest(ValueError):
-    """Request body that breaks the API contract or a limit; its message is sent back (400). `param` names the
-    offending field (OpenAI's error shape reports it)."""
+    """Request body that breaks the API contract or a limit; its message is sent back with `status` (400, 413 for a
+    body over MAX_BODY_BYTES). `param` names the offending field (OpenAI's error shape reports it)."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = "messages", status: int = 400):
         super().__init__(message)
-        self.param = param
-
-
-class TooLarge(Exception):
-    """Request body over MAX_BODY_BYTES (413), also when it arrives chunked without a Content-Length."""
+        self.param, self.status = param, status
 
 
 def read_json_body(req) -> Any:
     """The request's JSON body, read by us rather than Flask so every malformed body is a 400 with a reason.
 
-    Raises TooLarge past MAX_BODY_BYTES (a chunked body is read up to one byte past the limit, never whole);
-    BadRequest for a wrong Content-Type, bytes that are not UTF-8 JSON, or JSON nested too deeply for the parser.
+    Raises BadRequest: 413 past MAX_BODY_BYTES (a chunked body is read up to one byte past the limit, never whole);
+    400 for a wrong Content-Type, bytes that are not UTF-8 JSON, or JSON nested too deeply for the parser.
     """
     if not req.is_json:
-        raise BadRequest("Content-Type must be application/json")
+        raise BadRequest("Content-Type must be application/json", None)
+    too_large = BadRequest(f"request body is larger than {MAX_BODY_BYTES} bytes", None, 413)
     if req.content_length is not None and req.content_length > MAX_BODY_BYTES:
-        raise TooLarge()
+        raise too_large
     # the raw input, not req.stream: werkzeug cuts a chunked body silently at MAX_CONTENT_LENGTH
     data = get_input_stream(req.environ, max_content_length=None).read(MAX_BODY_BYTES + 1)
     if len(data) > MAX_BODY_BYTES:
-        raise TooLarge()
+        raise too_large
     try:
         return json.loads(data.decode("utf-8"))
     except RecursionError:
-        raise BadRequest("request body is not valid JSON: nested too deeply") from None
+        raise BadRequest("request body is not valid JSON: nested too deeply", None) from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise BadRequest(f"request body is not valid JSON: {e}") from None
+        raise BadRequest(f"request body is not valid JSON: {e}", None) from None
 
 
 def _number(body: dict, key: str, lo: float, hi: float, integer: bool, param: str | None = None):
@@ -193,44 +176,39 @@ def validate_request(body: Any, nanochat: bool = False) -> dict:
     stream_options.include_usage; other OpenAI fields are ignored. Raises BadRequest naming the field.
     """
     if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object")
+        raise BadRequest("request body must be a JSON object", None)
     messages = body.get("messages")
     if not isinstance(messages, list):
-        raise BadRequest("messages must be a list of {role, content} objects", "messages")
+        raise BadRequest("messages must be a list of {role, content} objects")
     if not messages:
-        raise BadRequest("At least one message is required", "messages")
+        raise BadRequest("At least one message is required")
     if len(messages) > MAX_MESSAGES_PER_REQUEST:
-        raise BadRequest(f"Too many messages. Maximum {MAX_MESSAGES_PER_REQUEST} messages allowed per request",
-                         "messages")
+        raise BadRequest(f"Too many messages. Maximum {MAX_MESSAGES_PER_REQUEST} messages allowed per request")
     roles = ROLES if nanochat else ROLES + ("system",)
     out, total = [], 0
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise BadRequest(f"Message {i} must be an object with role and content", "messages")
+            raise BadRequest(f"Message {i} must be an object with role and content")
         role, content = m.get("role"), m.get("content")
         if role not in roles:
-            raise BadRequest(f"Message {i} has invalid role {role!r}. Must be one of {', '.join(roles)}", "messages")
+            raise BadRequest(f"Message {i} has invalid role {role!r}. Must be one of {', '.join(roles)}")
         if isinstance(content, list) and not nanochat:  # OpenAI content parts: text only
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                        for p in content):
-                raise BadRequest(f"Message {i}: only text content parts are supported", "messages")
+                raise BadRequest(f"Message {i}: only text content parts are supported")
             content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise BadRequest(f"Message {i} content must be a string", "messages")
-        if not content:
-            raise BadRequest(f"Message {i} has empty content", "messages")
+        if not isinstance(content, str) or not content:
+            raise BadRequest(f"Message {i} content must be a non-empty string")
         if len(content) > MAX_MESSAGE_LENGTH:
-            raise BadRequest(f"Message {i} is too long. Maximum {MAX_MESSAGE_LENGTH} characters allowed per message",
-                             "messages")
+            raise BadRequest(f"Message {i} is too long. Maximum {MAX_MESSAGE_LENGTH} characters allowed per message")
         try:
             content.encode("utf-8")
         except UnicodeEncodeError:
-            raise BadRequest(f"Message {i} content is not valid Unicode (lone surrogate)", "messages") from None
+            raise BadRequest(f"Message {i} content is not valid Unicode (lone surrogate)") from None
         total += len(content)
         out.append({"role": role, "content": content})
     if total > MAX_TOTAL_CONVERSATION_LENGTH:
-        raise BadRequest(f"Total conversation is too long. Maximum {MAX_TOTAL_CONVERSATION_LENGTH} characters allowed",
-                         "messages")
+        raise BadRequest(f"Total conversation is too long. Maximum {MAX_TOTAL_CONVERSATION_LENGTH} characters allowed")
     max_tokens = "max_tokens" if nanochat or "max_completion_tokens" not in body else "max_completion_tokens"
     p = {"messages": out, "temperature": _number(body, "temperature", MIN_TEMPERATURE, MAX_TEMPERATURE, False),
          "top_k": _number(body, "top_k", MIN_TOP_K, MAX_TOP_K, True),
@@ -276,9 +254,8 @@ def _clip(text: str) -> str:
 
 
 class _Call:
-    """One admitted request: its engine `Request`, the texts so far, and its end (counted, logged and its slots
-    freed exactly once, from the stream's end or from the response's close(), whichever comes first; close() alone
-    covers a stream that never started)."""
+    """An admitted request: its engine `Request`, texts so far, and its end (counted, logged, slots freed) once, from
+    the stream's end or the response's close(), whichever is first (close() alone: a stream never started)."""
 
     def __init__(self, req, req_id: str, stats: Stats):
         self.req, self.id, self.stats = req, req_id, stats
@@ -287,7 +264,6 @@ class _Call:
         self._ended = threading.Lock()
 
     def batches(self):
-        """The request's outputs, a list per engine delivery; counts the tokens as they come."""
         counted = 0
         for batch in self.req.batches():
             for out in batch:
@@ -320,16 +296,10 @@ def create_app(engine, tokenizer, defaults: Defaults | None = None) -> Flask:
     ui_html = UI_PATH.read_text(encoding="utf-8")
     assistant_start = tokenizer.encode_special("<|assistant_start|>")
 
-    def nanochat_error(status: int, message: str, param: str | None = None, **headers) -> Response:
-        resp = jsonify(error=message)
-        resp.status_code = status
-        resp.headers.update(headers)
-        return resp
-
-    def openai_error(status: int, message: str, param: str | None = None, **headers) -> Response:
+    def error(status: int, message: str, param: str | None = None, openai: bool = True, **headers) -> Response:
         kind = "invalid_request_error" if status in (400, 404, 405, 413) else "server_error"
         code = {404: "not_found", 413: "request_too_large", 503: "server_busy"}.get(status)
-        resp = jsonify(error={"message": message, "type": kind, "param": param, "code": code})
+        resp = jsonify(error={"message": message, "type": kind, "param": param, "code": code} if openai else message)
         resp.status_code = status
         resp.headers.update(headers)
         return resp
@@ -337,8 +307,7 @@ def create_app(engine, tokenizer, defaults: Defaults | None = None) -> Flask:
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):
         # JSON instead of werkzeug's HTML pages (404, 405, 413, ...), in OpenAI's shape under /v1
-        err = openai_error if request.path.startswith("/v1/") else nanochat_error
-        return err(e.code or 500, e.description or e.name)
+        return error(e.code or 500, e.description or e.name, openai=request.path.startswith("/v1/"))
 
     @app.get("/")
     def index():
@@ -358,24 +327,18 @@ def create_app(engine, tokenizer, defaults: Defaults | None = None) -> Flask:
     def start(nanochat: bool):
         """The one pipeline's front half: parse, render, submit, wait for a slot. (call, params) or (None, error
         response: 400, 413 or 503)."""
-        err = nanochat_error if nanochat else openai_error
+        err = functools.partial(error, openai=not nanochat)
         try:
             p = validate_request(read_json_body(request), nanochat)
             ids, _ = tokenizer.render_conversation({"messages": p["messages"]}, max_tokens=1 << 30)  # no cut: see below
-        except TooLarge:
+            prompt = ids + [assistant_start]
+            room = 1 << 30 if defaults.max_context is None else defaults.max_context - len(prompt)
+            if room < 1:
+                raise BadRequest(f"Conversation is {len(prompt)} tokens; the model's context is {defaults.max_context}")
+        except ValueError as e:  # BadRequest, or the tokenizer's: the order of roles
             stats.add(requests_invalid=1)
-            return None, err(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
-        except (BadRequest, ValueError) as e:  # the tokenizer's ValueError: the order of roles
-            stats.add(requests_invalid=1)
-            return None, err(400, str(e), getattr(e, "param", "messages"))
-        prompt = ids + [assistant_start]
-        max_tokens = defaults.max_tokens if p["max_tokens"] is None else p["max_tokens"]
-        if defaults.max_context is not None:
-            if defaults.max_context - len(prompt) < 1:
-                stats.add(requests_invalid=1)
-                return None, err(400, f"Conversation is {len(prompt)} tokens; the model's context is "
-                                      f"{defaults.max_context}", "messages")
-            max_tokens = min(max_tokens, defaults.max_context - len(prompt))
+            return None, err(getattr(e, "status", 400), str(e), e.param if isinstance(e, BadRequest) else "messages")
+        max_tokens = min(defaults.max_tokens if p["max_tokens"] is None else p["max_tokens"], room)
         p.update(max_tokens=max_tokens, n=p["n"] or 1, top_p=1.0 if p["top_p"] is None else float(p["top_p"]),
                  temperature=defaults.temperature if p["temperature"] is None else float(p["temperature"]),
                  top_k=defaults.top_k if p["top_k"] is None else p["top_k"],
@@ -399,47 +362,52 @@ def create_app(engine, tokenizer, defaults: Defaults | None = None) -> Flask:
         stats.add(requests_active=1)
         return _Call(req, req_id, stats), p
 
-    def stream(call: _Call, events) -> Response:
-        resp = Response(events, mimetype="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    def sse(call: _Call, events, failed, done: str) -> Response:
+        """The stream of `events()`, then `done`; an engine failure sends `failed(message)` first (the server serves
+        on). Closing the response (the client went away) cancels the request."""
+        def stream() -> Iterator[str]:
+            finished = False
+            try:
+                try:
+                    yield from events()
+                except Exception as e:
+                    logger.exception("[%s] generation failed", call.id)
+                    yield _sse(failed(f"generation failed: {type(e).__name__}"))
+                finished = True
+                yield done
+            finally:
+                call.end(finished)
+
+        resp = Response(stream(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache",
+                                                                          "X-Accel-Buffering": "no"})
         resp.call_on_close(lambda: call.end(False))
         return resp
 
     @app.post("/chat/completions")
     def chat_completions():
-        """nanochat's API: an adapter over the pipeline, nanochat's wire format."""
+        """nanochat's API: an adapter over the pipeline, with nanochat's wire format."""
         call, p = start(nanochat=True)
         if call is None:
             return p
         gpu = engine.device_of(call.req.slots[0])
 
         def events() -> Iterator[str]:
-            finished = False
-            try:
-                try:
-                    for batch in call.batches():
-                        if any(out.text for out in batch):
-                            yield "".join(_sse({"token": out.text, "gpu": gpu}) for out in batch if out.text)
-                except Exception as e:  # engine failure: tell the client, keep serving others
-                    logger.exception("[%s] generation failed", call.id)
-                    yield _sse({"error": f"generation failed: {type(e).__name__}"})
-                finished = True
-                yield _sse({"done": True})
-            finally:
-                call.end(finished)
+            for batch in call.batches():
+                if any(out.text for out in batch):  # a decode chunk's events in one write
+                    yield "".join(_sse({"token": out.text, "gpu": gpu}) for out in batch if out.text)
 
-        return stream(call, events())
+        return sse(call, events, lambda message: {"error": message}, _sse({"done": True}))
+
+    card = {"id": defaults.model, "object": "model", "created": int(stats.started), "owned_by": "jaxchat"}
 
     @app.get("/v1/models")
     def list_models():
-        return jsonify(object="list", data=[{"id": defaults.model, "object": "model", "created": int(stats.started),
-                                             "owned_by": "jaxchat"}])
+        return jsonify(object="list", data=[card])
 
     @app.get("/v1/models/<path:model_id>")
     def get_model(model_id):
-        if model_id != defaults.model:
-            return openai_error(404, f"The model '{model_id}' does not exist", "model")
-        return jsonify(id=defaults.model, object="model", created=int(stats.started), owned_by="jaxchat")
+        return jsonify(card) if model_id == defaults.model else error(404, f"The model '{model_id}' does not exist",
+                                                                      "model")
 
     @app.post("/v1/chat/completions")
     def openai_chat_completions():
@@ -458,7 +426,7 @@ def create_app(engine, tokenizer, defaults: Defaults | None = None) -> Flask:
                 finished = True
             except Exception as e:
                 logger.exception("[%s] generation failed", call.id)
-                return openai_error(500, f"generation failed: {type(e).__name__}")
+                return error(500, f"generation failed: {type(e).__name__}")
             finally:
                 call.end(finished)
             return jsonify(**head, object="chat.completion", usage=usage(), choices=[
@@ -469,45 +437,27 @@ def create_app(engine, tokenizer, defaults: Defaults | None = None) -> Flask:
             return _sse({**head, "object": "chat.completion.chunk", "choices": choices, **extra})
 
         def events() -> Iterator[str]:
-            finished = False
-            try:
-                for i in range(n):
-                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                  "finish_reason": None}])
-                try:
-                    for batch in call.batches():
-                        events = [chunk([{"index": out.index, "delta": delta, "logprobs": None, "finish_reason": why}])
-                                  for out in batch for delta, why in (({"content": out.text}, None),
-                                                                      ({}, out.finish_reason)) if out.text and
-                                  delta or why]
-                        if events:
-                            yield "".join(events)
-                    if p["include_usage"]:
-                        yield chunk([], usage=usage())
-                except Exception as e:
-                    logger.exception("[%s] generation failed", call.id)
-                    yield _sse({"error": {"message": f"generation failed: {type(e).__name__}", "type": "server_error",
-                                          "param": None, "code": None}})
-                finished = True
-                yield "data: [DONE]\n\n"
-            finally:
-                call.end(finished)
+            for i in range(n):
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}])
+            for batch in call.batches():
+                pieces = [chunk([{"index": out.index, "delta": delta, "logprobs": None, "finish_reason": why}])
+                          for out in batch for delta, why in (({"content": out.text}, None), ({}, out.finish_reason))
+                          if (out.text and delta) or why]
+                if pieces:
+                    yield "".join(pieces)
+            if p["include_usage"]:
+                yield chunk([], usage=usage())
 
-        return stream(call, events())
+        return sse(call, events, lambda message: {"error": {"message": message, "type": "server_error", "param": None,
+                                                            "code": None}}, "data: [DONE]\n\n")
 
     return app
 
 
 def build_engine(params, config, tokenizer, num_devices: int = 1, max_batch: int = 8, **engine_kwargs):
-    """One `jaxchat.engine.Engine` of max_batch slots per device over the first `num_devices` JAX devices (params
-    replicated, slots split over the devices). `engine_kwargs` go to the Engine (max_queue, decode_chunk).
-
-    Raises ValueError when --num-devices is below 1 or above the devices JAX sees, or --max-batch below 1.
-    """
-    import jax
-
-    from jaxchat.engine import Engine
-
+    """One `jaxchat.engine.Engine` of max_batch slots per device over the first `num_devices` JAX devices;
+    `engine_kwargs` go to it. Raises ValueError for --num-devices outside [1, devices], --max-batch below 1."""
     devices = jax.devices()
     if not 1 <= num_devices <= len(devices):
         raise ValueError(f"--num-devices {num_devices}: JAX sees {len(devices)} device(s) ({devices[0].platform})")
@@ -515,18 +465,6 @@ def build_engine(params, config, tokenizer, num_devices: int = 1, max_batch: int
         raise ValueError(f"--max-batch {max_batch}: must be >= 1")
     return Engine(params, config, tokenizer, max_batch=max_batch * num_devices, devices=devices[:num_devices],
                   **engine_kwargs)
-
-
-def serve_in_thread(app: Flask, host: str = "127.0.0.1", port: int = 0):
-    """Start werkzeug's threaded server for `app` in a daemon thread (tests, load tests).
-
-    Returns (server, url); stop with server.shutdown().
-    """
-    from werkzeug.serving import make_server
-
-    server = make_server(host, port, app, threaded=True)
-    threading.Thread(target=server.serve_forever, name="serve", daemon=True).start()
-    return server, f"http://{host}:{server.server_port}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -541,13 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 to expose)")
     p.add_argument("-n", "--num-devices", type=int, default=1, help="JAX devices the engine's slots are split over")
     p.add_argument("--max-queue", type=int, default=64, help="samples that may wait for a slot before 503")
-    p.add_argument("--max-batch", type=int, default=8,
-                   help="slots per device: requests decoded together by continuous batching (1: one at a time)")
-    p.add_argument("--warmup", action="store_true",
-                   help="compile every prompt and attend shape before serving (else the first requests compile)")
-    p.add_argument("--decode-chunk", type=int, default=None,
-                   help="tokens per device round-trip in the engine (default: the engine's); smaller streams "
-                        "sooner and smoother, larger gives more tokens/sec")
+    p.add_argument("--max-batch", type=int, default=8, help="slots per device: requests decoded together")
+    p.add_argument("--warmup", action="store_true", help="compile every shape before serving (else requests do)")
+    p.add_argument("--decode-chunk", type=int, default=DECODE_CHUNK,
+                   help="tokens per host round-trip: smaller streams smoother, larger gives more tokens/s")
     return p
 
 
@@ -561,9 +496,8 @@ def main(argv: list[str] | None = None) -> None:
     from jaxchat.checkpoint import checkpoint_dir, list_steps, load_model_from
 
     params, config, tokenizer, meta = load_model_from(args.source, model_tag=args.model_tag, step=args.step)
-    kwargs = {} if args.decode_chunk is None else {"decode_chunk": args.decode_chunk}
     engine = build_engine(params, config, tokenizer, args.num_devices, args.max_batch, max_queue=args.max_queue,
-                          **kwargs)
+                          decode_chunk=args.decode_chunk)
     if args.warmup:
         t0 = time.perf_counter()
         engine.warmup()

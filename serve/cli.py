@@ -30,8 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def stream_reply(engine: Engine, tokens: list[int], args, seed: int, out=sys.stdout) -> str:
-    """Generate one reply to `tokens`, printing its text as the engine decodes it (whole characters). Returns the
-    text."""
+    """Generate one reply to `tokens`, printing its text as the engine decodes it; returns the text."""
     text = ""
     for o in engine.submit(tokens, max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                            seed=seed):
@@ -52,13 +51,10 @@ def main(argv=None, input_fn=input) -> None:
     chat = args.source != "base"
 
     if not args.prompt:  # one-shot output is only the answer, for scripts and pipes
-        print(f"\njaxchat {args.source} model (step {meta.get('step', '?')}), "
-              f"{'chat' if chat else 'text continuation'} mode")
-        print("-" * 50)
-        print("Type 'quit' or 'exit' to end, 'clear' to start over")
-        print("-" * 50)
-    messages: list[dict] = []
-    turn = 0
+        mode = "chat" if chat else "text continuation"
+        print(f"\njaxchat {args.source} model (step {meta.get('step', '?')}), {mode} mode\n{'-' * 50}\n"
+              f"Type 'quit' or 'exit' to end, 'clear' to start over\n{'-' * 50}")
+    messages, turn = [], 0  # the chat so far, rendered by the tokenizer each turn
     while True:
         if args.prompt:
             user_input = args.prompt
@@ -80,13 +76,13 @@ def main(argv=None, input_fn=input) -> None:
 
         if chat:  # the conversation, rendered by the tokenizer for the next assistant turn
             messages.append({"role": "user", "content": user_input})
-            prompt = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]},
-                                                     max_tokens=1 << 30)
+            render = lambda: tokenizer.render_for_completion(  # noqa: E731
+                {"messages": messages + [{"role": "assistant", "content": ""}]}, max_tokens=1 << 30)
+            prompt = render()
             if len(prompt) + args.max_tokens > config.sequence_len and len(messages) > 1:
                 print(f"(context of {config.sequence_len} tokens is full: starting a new conversation)")
                 messages = messages[-1:]
-                prompt = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant",
-                                                                                   "content": ""}]})
+                prompt = render()
             if not args.prompt:
                 print("\nAssistant: ", end="", flush=True)
             messages.append({"role": "assistant", "content": stream_reply(engine, prompt, args, args.seed + turn)})

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from fake_engine import FakeEngine
-from serve.app import Defaults, create_app, serve_in_thread
+from serving import FakeEngine, serve_in_thread
+from serve.app import Defaults, create_app
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 REPLIES = ["Hello! I am a tiny fake model, streaming one byte at a time. Ünïcödé 😀 works too.",

@@ -556,6 +556,17 @@ def test_sharded_engine_equals_single_device(tiny_params):
         engine.close()
     assert outs[0] == outs[1]
     assert outs[0][2] == naive_greedy(tiny_params, TINY, prompts[2], 20)
+    # engine_programs: the engine's own jitted programs, lowered and compiled from shapes alone (params, state and
+    # requests as ShapeDtypeStructs carrying the mesh's shardings), as --compile-for does for described GPUs
+    from jaxchat.engine import SMALL_TOP_K, _program, engine_programs
+
+    progs = engine_programs(TINY, engine.spec.mesh, 8, 96, prompt_len=20, decode_chunk=8)
+    assert progs["decode"][0] is _program(engine.spec, "decode", None, SMALL_TOP_K, False)
+    assert progs["prefill"][1][1].shape == (1, 32)  # the prompt's bucket
+    state = progs["insert"][1][0]
+    assert state["cache"]["k"].sharding.spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"))
+    for name, (fn, args) in progs.items():
+        assert fn.lower(*args).compile() is not None, name
 
 
 def test_infer_bench_prints_sweep_json(capsys):

@@ -15,9 +15,9 @@ import time
 
 import pytest
 
-from fake_engine import FakeEngine
+from serving import FakeEngine, serve_in_thread
 from serve import app as serve_app
-from serve.app import Defaults, create_app, serve_in_thread
+from serve.app import Defaults, create_app
 from serve.loadtest import run_loadtest
 
 
@@ -240,7 +240,7 @@ def test_wrong_content_type_nan_and_lone_surrogate(tok):
     assert c.get("/chat/completions").status_code == 405
     assert c.get("/nope").get_json()["error"]
     assert eng.calls == []
-    assert app.extensions["jaxchat_stats"].requests_invalid == 4  # the 413 counts too
+    assert app.extensions["jaxchat_stats"].snapshot()["requests_invalid"] == 4  # the 413 counts too
 
 
 def test_context_limit(tok):

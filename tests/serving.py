@@ -1,6 +1,7 @@
-"""An `Engine` stand-in for the server tests: it streams scripted token ids, `delay` seconds per token, through the
-real `jaxchat.engine.Request` (so text, stop strings, finish reasons and token counts are the engine's own), with
-the engine's slots (`max_batch`), its queue bound (`max_queue`, QueueFull) and FIFO admission."""
+"""Server test helpers: `serve_in_thread` (werkzeug's threaded server in a daemon thread) and `FakeEngine`, an
+`Engine` stand-in that streams scripted token ids, `delay` seconds per token, through the real
+`jaxchat.engine.Request` (so text, stop strings, finish reasons and token counts are the engine's own), with the
+engine's slots (`max_batch`), its queue bound (`max_queue`, QueueFull) and FIFO admission."""
 
 from __future__ import annotations
 
@@ -9,6 +10,15 @@ import time
 from collections import deque
 
 from jaxchat.engine import QueueFull, Request
+
+
+def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0):
+    """Start werkzeug's threaded server for `app` in a daemon thread; (server, url), stop with server.shutdown()."""
+    from werkzeug.serving import make_server
+
+    server = make_server(host, port, app, threaded=True)
+    threading.Thread(target=server.serve_forever, name="serve", daemon=True).start()
+    return server, f"http://{host}:{server.server_port}"
 
 
 class FakeEngine:

@@ -15,13 +15,13 @@ Each batch size B is an Engine of B slots (cache of `cache_bucket(sequence_len)`
 `serve.app` builds it) serving one request of B samples, as a server would: greedy, without a tokenizer (no stop
 tokens), so every sample runs the full --decode-tokens. Compile time is excluded (one untimed run first). Per batch
 size, medians over --repeats: TTFT (submit to the first token: prefill, insert and the first, short, decode chunk),
-TPOT (vLLM's: (last token - first token) / (tokens - 1), the mean inter-token latency), ITL p95 (tokens come a
-chunk at a time: the chunk period), decode tok/s (B / TPOT), MBU, MFU (nanochat's `estimate_decode_flops` per row
+TPOT (vLLM's: (last token - first token) / (tokens - 1), the mean inter-token latency; tokens arrive a chunk at a
+time), decode tok/s (B / TPOT), MBU, MFU (nanochat's `estimate_decode_flops` per row
 per step over the peak FLOP/s), the step time relative to batch 1 (what batching costs per step; on a GPU ~1) and
 peak memory (the device's `memory_stats()` peak, or on CPU the process's peak resident set). Prints nanochat
 HEAD's card (model, device, parameters, KV bytes, the batch-1 decode ceiling, prefill tok/s and MFU) and a table;
-the last line is one JSON document with a `sweep` list of rows {batch_size, ttft_sec, tpot_sec, itl_p95_sec,
-tok_per_sec, step_vs_batch1, mbu_percent, mfu_percent, peak_memory_bytes, decode_steps, prefill_tok_per_sec,
+the last line is one JSON document with a `sweep` list of rows {batch_size, ttft_sec, tpot_sec, tok_per_sec,
+step_vs_batch1, mbu_percent, mfu_percent, peak_memory_bytes, decode_steps, prefill_tok_per_sec,
 ms_per_token, mbu}.
 """
 
@@ -131,13 +131,11 @@ def peak_memory() -> tuple[int | None, str]:
 
 
 def bench_once(engine: Engine, prompt: list[int], batch_size: int, decode_tokens: int) -> dict:
-    """One request of batch_size samples: TTFT, TPOT and the gaps between sample 0's tokens, in seconds."""
+    """One request of batch_size samples: TTFT and TPOT of sample 0, in seconds, and its tokens."""
     t0 = time.perf_counter()
     times = [time.perf_counter() for out in engine.submit(prompt, n=batch_size, max_tokens=decode_tokens,
                                                            temperature=0.0) if out.index == 0]
-    gaps = np.diff(times)
-    return {"ttft_s": times[0] - t0, "tpot_s": (times[-1] - times[0]) / (len(times) - 1), "steps": len(times),
-            "itl_p95_s": float(np.percentile(gaps, 95))}
+    return {"ttft_s": times[0] - t0, "tpot_s": (times[-1] - times[0]) / (len(times) - 1), "steps": len(times)}
 
 
 def prefill_seconds(engine: Engine, prompt: list[int]) -> float:
@@ -215,7 +213,7 @@ def main(argv=None) -> dict:
     prefill_mfu = None if peak_flops is None else 100 * prefill_flops(config, prompt_len) / prefill_s / peak_flops
     print(f"Prefill (batch 1, {prompt_len} tokens): {prompt_len / prefill_s:,.0f} tok/s | MFU "
           f"{'n/a' if prefill_mfu is None else f'{prefill_mfu:.1f}%'}")
-    header = (f"{'batch':>6} {'TTFT ms':>9} {'TPOT ms':>9} {'ITL p95':>8} {'tok/s':>10} {'step/b1':>8} "
+    header = (f"{'batch':>6} {'TTFT ms':>9} {'TPOT ms':>9} {'tok/s':>10} {'step/b1':>8} "
               f"{'MBU %':>7} {'MFU %':>7} {'peak MiB':>9} {'steps':>6}")
     print(header)
     print("-" * len(header))
@@ -224,7 +222,7 @@ def main(argv=None) -> dict:
         engine = engine_of(batch_size)
         bench_once(engine, prompt, batch_size, args.decode_tokens)  # compile this engine's programs
         runs = [bench_once(engine, prompt, batch_size, args.decode_tokens) for _ in range(args.repeats)]
-        ttft, tpot, itl95 = (statistics.median(r[k] for r in runs) for k in ("ttft_s", "tpot_s", "itl_p95_s"))
+        ttft, tpot = (statistics.median(r[k] for r in runs) for k in ("ttft_s", "tpot_s"))
         tpot_b1 = tpot if batch_size == 1 else tpot_b1
         steps = runs[0]["steps"]
         tok_per_sec = batch_size / tpot
@@ -233,13 +231,13 @@ def main(argv=None) -> dict:
         ratio = None if tpot_b1 is None else round(tpot / tpot_b1, 3)
         mem, mem_kind = peak_memory()
         row = {"batch_size": batch_size, "ttft_sec": round(ttft, 6), "tpot_sec": round(tpot, 6),
-               "itl_p95_sec": round(itl95, 6), "tok_per_sec": round(tok_per_sec, 1), "step_vs_batch1": ratio,
+               "tok_per_sec": round(tok_per_sec, 1), "step_vs_batch1": ratio,
                "mbu_percent": None if mbu is None else round(100 * mbu, 2),
                "mfu_percent": None if mfu is None else round(mfu, 4), "peak_memory_bytes": mem,
                "decode_steps": steps, "prefill_tok_per_sec": round(prompt_len / ttft, 1),
                "ms_per_token": round(1e3 * tpot, 4), "mbu": None if mbu is None else round(mbu, 4)}
         sweep.append(row)
-        print(f"{batch_size:>6} {1e3 * ttft:>9.1f} {1e3 * tpot:>9.2f} {1e3 * itl95:>8.1f} {tok_per_sec:>10,.0f} "
+        print(f"{batch_size:>6} {1e3 * ttft:>9.1f} {1e3 * tpot:>9.2f} {tok_per_sec:>10,.0f} "
               f"{'-' if ratio is None else f'{ratio:.2f}':>8} {'-' if mbu is None else f'{100 * mbu:.1f}':>7} "
               f"{'-' if mfu is None else f'{mfu:.2f}':>7} {'-' if mem is None else f'{mem / 2**20:,.0f}':>9} "
               f"{steps:>6}")

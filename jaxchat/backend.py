@@ -133,8 +133,8 @@ def decode_weights_swapped(platform_name: str | None = None) -> bool:
 
 def two_reduction_argmax(platform_name: str | None = None) -> bool:
     """True on CPU, where greedy decoding takes argmax as a max and then the first index holding it (two plain
-    reductions): XLA's CPU backend runs its variadic (value, index) reduce far slower
-    (`python -m evals.infer_bench --random-init --depth 4 ...` moves with it). Elsewhere `jnp.argmax`."""
+    reductions, the same first-index tie-break): XLA's CPU backend runs its variadic (value, index) reduce slower
+    (README, "Where the CPU time goes"). Elsewhere `jnp.argmax`."""
     return (platform_name or platform()) == "cpu"
 
 

@@ -580,7 +580,7 @@ def test_infer_bench_prints_sweep_json(capsys):
     assert [r["batch_size"] for r in last["sweep"]] == [1, 2]
     assert last["sweep"][0]["step_vs_batch1"] == 1.0 and last["sweep"][1]["step_vs_batch1"] > 0
     for row in last["sweep"]:
-        assert set(row) == {"batch_size", "ttft_sec", "tpot_sec", "itl_p95_sec", "tok_per_sec", "step_vs_batch1",
+        assert set(row) == {"batch_size", "ttft_sec", "tpot_sec", "tok_per_sec", "step_vs_batch1",
                             "mbu_percent", "mfu_percent", "peak_memory_bytes", "decode_steps", "prefill_tok_per_sec",
                             "ms_per_token", "mbu"}
         assert row["tok_per_sec"] > 0 and row["prefill_tok_per_sec"] > 0 and row["decode_steps"] == 6

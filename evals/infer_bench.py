@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decode-chunk", type=int, default=32, help="tokens per host round-trip of the decode loop")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per batch size (the median is reported)")
     p.add_argument("--seed", type=int, default=0, help="random-init and prompt seed")
-    gpu_compile.add_flags(p, device_batch_auto=False, train=False)  # --compile-for, --hlo-out
+    gpu_compile.add_flags(p, train=False)  # --compile-for, --hlo-out
     args = p.parse_args(argv)
     try:
         args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]

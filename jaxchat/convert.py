@@ -17,8 +17,10 @@ import argparse
 import glob
 import json
 import os
+import pickle
 import re
 
+from jaxchat.common import BadInputError
 from jaxchat.checkpoint import from_nanochat, load_model, save_model, to_nanochat
 from jaxchat.common import MissingInputError, run_cli
 from jaxchat.model import GPTConfig
@@ -45,10 +47,14 @@ def nanochat_steps(src: str) -> list[int]:
 def read_nanochat(src: str, step: int | None = None):
     """(config, params, meta, step) from a nanochat checkpoint directory.
 
+    The .pt file is read with `torch.load(weights_only=True)`: tensors and plain containers only, so a planted
+    checkpoint cannot run code.
+
     Raises:
         MissingInputError (a FileNotFoundError, a UserError): no model_*.pt, or the requested step / its meta JSON
             is missing.
         ValueError: the state_dict does not fit the config (keys or shapes, named).
+        BadInputError (a UserError and ValueError): the .pt file holds more than tensors (weights_only refused it).
     """
     steps = nanochat_steps(src)
     if not steps:
@@ -65,7 +71,14 @@ def read_nanochat(src: str, step: int | None = None):
     model_config.setdefault("window_pattern", "L")  # nanochat's rule for checkpoints older than sliding windows
     config = GPTConfig.from_dict(model_config)
     torch = _torch()
-    state_dict = torch.load(os.path.join(src, f"model_{step:06d}.pt"), map_location="cpu", weights_only=True)
+    pt_path = os.path.join(src, f"model_{step:06d}.pt")
+    try:
+        state_dict = torch.load(pt_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        named = re.search(r"GLOBAL:? ([\w.]+)", str(e))  # torch's wording varies; the global it refused
+        what = f"the global {named.group(1)}" if named else "more than tensors"
+        raise BadInputError(f"{pt_path}: refused to load: it names {what}, which could run code; a nanochat "
+                            f"checkpoint holds only tensors (do not trust this checkpoint)") from None
     return config, from_nanochat(state_dict, config), meta, step
 
 

@@ -6,18 +6,27 @@ target_config=<GpuTargetConfig text>, topology="1x{hosts}x{gpus}")` returns H100
 give the optimized HLO and the per-device memory analysis, on a CPU-only machine with the CUDA plugin installed
 (`pip install -e .[gpu]`; run with JAX_PLATFORMS=cpu). Nothing runs, no data is read.
 
-    target = parse_target("h100:1x8")
-    mesh = topology_mesh(target)
-    step, args = build_pretrain_step(config, mesh, device_batch_size=16)
-    report = compile_report(step, args, target, device_batch_size=16)   # prints a short report, returns a dict
+An entry point builds its programs once, with the same function, on the mesh `mesh_for` gives it: the real devices,
+or with --compile-for the described ones; then it runs them, or compiles them here and reports:
 
-The target configs are text protos in configs/gpu_targets/<name>.txtpb (each says where its numbers come from).
-Compiling needs the platform decisions of the described devices (bfloat16, cuDNN attention, bfloat16 embeddings):
-the builders here trace under `jaxchat.backend.use(mesh)`; `jax.default_backend()` stays "cpu" meanwhile.
+    mesh, target = mesh_for(args.compile_for, args.fsdp)          # target None: the real devices
+    step = jaxchat.trainer.build_step(config, mesh, ...)           # (jitted, abstract_args, ...)
+    report = compile_report(step.fn, step.abstract_args, target, device_batch_size=16)   # prints, returns a dict
+
+This module holds only that: the described devices (`Target`, `mesh_for`), the compile-and-report step for any
+jitted program and its abstract arguments (`compile_report`; `choose_and_compile` + `print_report` for a training
+step, `compile_programs` for several), the automatic device batch (`auto_device_batch_size`), and the flags of the
+compiled programs (`add_flags`: --compile-for, --hlo-out, --fp8, --remat), with `config_from_checkpoint` (the model
+without its weights); the inference programs at the end stand in until the engine exposes its own. The target
+configs are text protos in configs/gpu_targets/<name>.txtpb (each says where its numbers come from). Compiling
+needs the platform decisions of the described devices (bfloat16, cuDNN attention, bfloat16 embeddings):
+`jaxchat.trainer.build_step` activates its mesh and `compile_report` traces under `jaxchat.backend.use(mesh)`;
+`jax.default_backend()` stays "cpu" meanwhile.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import functools
@@ -33,9 +42,9 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxchat import backend
+from jaxchat import sharding as shd
 from jaxchat.common import UserError
 
 TARGETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "gpu_targets")
@@ -48,7 +57,7 @@ REMAT_LOG = re.compile(r"Can't reduce memory use below|by rematerialization")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Targets
+# Targets and their devices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,93 +152,40 @@ def topology_devices(target: Target) -> list:
     return list(topo.devices)
 
 
-def topology_mesh(target: Target, axis_shape: tuple[int, ...] | None = None,
-                  axis_names: tuple[str, ...] | None = None) -> jax.sharding.Mesh:
-    """A Mesh of the described devices; default jaxchat's ('data', 'fsdp') mesh with fsdp = 1 (`make_mesh`).
+def topology_mesh(target: Target, fsdp: int = 1) -> jax.sharding.Mesh:
+    """jaxchat's ('data', 'fsdp') mesh (`jaxchat.sharding.make_mesh`) over the described devices of `target`.
 
     Raises:
-        UserError: the plugin is missing, or axis_shape does not multiply to the device count.
+        UserError: the plugin is missing, or fsdp does not divide the device count.
     """
-    from jaxchat import sharding as shd
-
-    devices = topology_devices(target)
-    if axis_shape is None:
-        return shd.make_mesh(1, devices)
-    names = axis_names or (shd.DATA_AXIS, shd.FSDP_AXIS)[: len(axis_shape)]
-    if math.prod(axis_shape) != len(devices):
-        raise UserError(f"--compile-for={target}: mesh shape {axis_shape} does not hold {len(devices)} devices")
-    return jax.sharding.Mesh(np.array(devices).reshape(axis_shape), names)
+    try:
+        return shd.make_mesh(fsdp, topology_devices(target))
+    except ValueError as e:
+        raise UserError(f"--compile-for={target}: {e}") from None
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The programs (built on any mesh: real devices or described ones)
-
-
-def _abstract(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
-def build_pretrain_step(config, mesh, device_batch_size: int, *, grad_accum_steps: int = 1, fp8: bool = False,
-                        remat: str = "none", learning_rates: dict | None = None, weight_decay: float = 0.0,
-                        muon_dtype: str = "bfloat16", weighted: bool = False, muon_eq: str = "row",
-                        muon_plus: bool = True, with_optimizer: bool = False):
-    """The jitted train step of train.pretrain (and train.sft: the same step; train.rl: weighted=True) and its
-    abstract arguments, from `jaxchat.trainer.build_step` (ZeRO-1 optimizer state, the Muon stacks split over
-    devices) with ShapeDtypeStructs carrying NamedShardings: nothing is allocated.
+def mesh_for(compile_for: str | None, fsdp: int = 1) -> tuple[jax.sharding.Mesh, Target | None]:
+    """The mesh an entry point builds its programs on, and the Target they are compiled for.
 
     Args:
-        config: GPTConfig (its sequence_len is the rows' length). mesh: a ('data', 'fsdp') mesh (`topology_mesh`
-            or `jaxchat.sharding.make_mesh`). device_batch_size: rows per device per micro-step;
-            grad_accum_steps: micro-steps per step. fp8, remat: passed to `jaxchat.model.loss_fn`.
-        learning_rates: make_optimizer's *_lr keywords; the rest as `jaxchat.trainer.build_step`.
+        compile_for: the --compile-for spec (`parse_target`), or None for every real device of every process
+            (after `jaxchat.common.maybe_init_distributed`). fsdp: --fsdp, the size of the mesh's 'fsdp' axis.
     Returns:
-        (jitted step, (params, opt_state, batch, hparams) as ShapeDtypeStructs), and the optax optimizer third
-        when with_optimizer (to initialise a real state: runs/gpu_check.sh).
+        (mesh, Target) for described GPUs; (mesh, None) for the real devices.
+    Raises:
+        UserError: a bad spec, the plugin missing, or --fsdp not dividing the device count.
     """
-    from jaxchat import model as gpt
-    from jaxchat import trainer as T
-
-    kw = {k: v for k, v in (("fp8", fp8), ("remat", remat)) if v not in (False, "none")}
-    loss = functools.partial(gpt.loss_fn, **kw) if kw else gpt.loss_fn
-    with backend.use(mesh):  # build_step activates the mesh; use() restores the previous platform afterwards
-        step = T.build_step(config, mesh, device_batch_size=device_batch_size, seq_len=config.sequence_len,
-                            grad_accum=grad_accum_steps, lrs=dict(learning_rates or {}), weight_decay=weight_decay,
-                            muon_dtype=muon_dtype, loss_fn=loss, weighted=weighted, muon_eq=muon_eq,
-                            muon_plus=muon_plus)
-    return (step.fn, step.abstract_args, step.optimizer) if with_optimizer else (step.fn, step.abstract_args)
-
-
-def build_decode_loop(config, mesh, batch_size: int, max_len: int | None = None, steps: int = 32):
-    """The engine's decode loop body as one jitted program: `steps` greedy tokens per row with the KV cache
-    (`jaxchat.model.forward` with a cache, the computation the engine's `lax.while_loop` repeats), weights and
-    cache donated in place. Returns (jitted, (params, cache, tokens) ShapeDtypeStructs)."""
-    from jaxchat import model as gpt
-    from jaxchat import sharding as shd
-
-    max_len = max_len or config.sequence_len
-    with backend.use(mesh):
-        rep = shd.replicated(mesh)
-        abstract_params = gpt.param_shapes(config)
-        cache = jax.eval_shape(lambda: gpt.init_kv_cache(config, batch_size, max_len))
-
-        def decode(params, cache, tok):
-            def body(carry, _):
-                cache, tok = carry
-                logits, cache = gpt.forward(params, config, tok[:, None], kv_cache=cache)
-                nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
-                return (cache, nxt), nxt
-            (cache, tok), toks = jax.lax.scan(body, (cache, tok), None, length=steps)
-            return cache, toks.T
-
-        jitted = jax.jit(decode, in_shardings=rep, out_shardings=rep, donate_argnums=(1,))
-        args = (_abstract(abstract_params, jax.tree.map(lambda _: rep, abstract_params)),
-                _abstract(cache, jax.tree.map(lambda _: rep, cache)),
-                jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=rep))
-    return jitted, args
+    if compile_for:
+        target = parse_target(compile_for)
+        return topology_mesh(target, fsdp), target
+    try:
+        return shd.make_mesh(fsdp), None
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Compiling and reading the result
+# Compiling, reading the result, the automatic device batch
 
 
 @contextlib.contextmanager
@@ -418,12 +374,14 @@ def auto_search(build: Callable[[int], tuple], target: Target | None = None, sta
 
     def attempt(b: int) -> dict:
         nonlocal target
-        jitted, args = build(b)
+        jitted, args = build(b)[:2]
         target = target or local_target(_mesh_of(args))
         tried[b] = compile_report(jitted, args, target, b, label=f"device batch {b}", verbose=verbose)
         return tried[b]
 
     b = start
+    while b > max(1, largest):
+        b //= 2
     if fits_cleanly(attempt(b)):
         while b * 2 <= largest and fits_cleanly(attempt(b * 2)):
             b *= 2
@@ -443,9 +401,11 @@ def auto_device_batch_size(build: Callable[[int], tuple], target: Target | None 
     """The largest power of two device batch whose compiled step fits `target` without XLA's rematerialisation.
 
     Args:
-        build: device_batch_size -> (jitted, abstract_args) on a mesh of `target`'s devices, or of real GPUs with
-            target=None (then their memory_stats() give the limit: --device-batch-size=auto at start-up).
+        build: device_batch_size -> (jitted, abstract_args, ...) (a `jaxchat.trainer.Step` is one) on a mesh of
+            `target`'s devices, or of real GPUs with target=None (then their memory_stats() give the limit:
+            --device-batch-size=auto at start-up).
         start: the first size tried; sizes double while they fit and halve while they do not.
+        largest: the largest size allowed (the entry point's: one micro-batch of its total batch at most).
     Returns:
         the device batch size.
     Raises:
@@ -453,6 +413,18 @@ def auto_device_batch_size(build: Callable[[int], tuple], target: Target | None 
             None and the mesh is not on GPUs.
     """
     return auto_search(build, target, start, largest, verbose)[0]
+
+
+def local_target(mesh) -> Target:
+    """A Target for the real GPUs of `mesh` (their memory from `memory_stats()`), for --device-batch-size=auto at
+    start-up. Raises UserError off GPU."""
+    dev = mesh.devices.flat[0]
+    if backend.platform_of(mesh) != "gpu":
+        raise UserError("--device-batch-size=auto picks the largest batch that fits GPU memory: it needs GPUs, or "
+                        "--compile-for=TARGET:HxG to plan for them; on CPU pass a number, e.g. --device-batch-size=8")
+    limit = int((dev.memory_stats() or {}).get("bytes_limit", 0))
+    text = f'device_memory_size: {limit}\ndevice_description_str: "{dev.device_kind}"'
+    return Target(dev.device_kind.lower().replace(" ", "-"), jax.process_count(), jax.local_device_count(), text)
 
 
 def suggestion(report: dict) -> str:
@@ -478,35 +450,8 @@ def check_fits(report: dict, flag_hint: str = "") -> None:
                     f"{report['target']}: {suggestion(report)}")
 
 
-def print_json(report: dict) -> None:
-    """The report as the last stdout line (one JSON document), on process 0."""
-    if jax.process_index() == 0:
-        print(json.dumps(report), flush=True)
-
-
-def build_prefill(config, mesh, prompt_len: int, max_len: int | None = None):
-    """The engine's prefill: one batch-1 forward over a right-padded prompt of `prompt_len` tokens into a fresh KV
-    cache. Returns (jitted, (params, idx, valid_len) ShapeDtypeStructs)."""
-    from jaxchat import model as gpt
-    from jaxchat import sharding as shd
-
-    with backend.use(mesh):
-        rep = shd.replicated(mesh)
-        abstract_params = gpt.param_shapes(config)
-
-        def prefill(params, idx, valid_len):
-            cache = gpt.init_kv_cache(config, 1, max_len or prompt_len)
-            return gpt.forward(params, config, idx, kv_cache=cache, valid_len=valid_len)
-
-        jitted = jax.jit(prefill, in_shardings=rep, out_shardings=rep)
-        args = (_abstract(abstract_params, jax.tree.map(lambda _: rep, abstract_params)),
-                jax.ShapeDtypeStruct((1, prompt_len), jnp.int32, sharding=rep),
-                jax.ShapeDtypeStruct((1,), jnp.int32, sharding=rep))
-    return jitted, args
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Entry points: --compile-for, --hlo-out, --device-batch-size=auto, the --dry-run table
+# The entry points' side: flags, the model without a checkpoint, the report they print
 
 
 def int_or_auto(text: str):
@@ -516,80 +461,57 @@ def int_or_auto(text: str):
     try:
         value = int(text)
     except ValueError:
-        raise ValueError(f"--device-batch-size must be a positive integer or 'auto', got {text!r}") from None
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
     return value
 
 
-int_or_auto.__name__ = "int or 'auto'"  # argparse names the type in its error message
-
-
-def add_flags(parser, *, device_batch_auto: bool = True, depth: bool = False, train: bool = True) -> None:
-    """Add --compile-for, --hlo-out (and --fp8, --remat for training, --depth when asked, where the parser lacks
-    them) and let --device-batch-size accept 'auto'. Flags another module already added are left alone."""
-    have = parser._option_string_actions
-    if "--compile-for" not in have:
-        parser.add_argument("--compile-for", default=None, metavar="TARGET:HOSTSxGPUS",
-                            help="compile the step for described GPUs (h100, h200, a100; e.g. h100:2x8) and report "
-                                 "its memory per GPU, kernels and collectives; runs nothing (needs pip install -e '.[gpu]')")
-    if "--hlo-out" not in have:
-        parser.add_argument("--hlo-out", default=None, metavar="FILE", help="with --compile-for: write the optimized HLO")
-    if train and "--fp8" not in have:
+def add_flags(parser: argparse.ArgumentParser, *, train: bool = True, depth: bool = False) -> None:
+    """The flags of the compiled programs, defined here once for every entry point: --compile-for and --hlo-out;
+    for a training step (train) --fp8 and --remat (`jaxchat.trainer.step_loss_fn`); --depth (the model of
+    --compile-for when there is no checkpoint) where asked."""
+    parser.add_argument("--compile-for", default=None, metavar="TARGET:HOSTSxGPUS",
+                        help="compile the program(s) for described GPUs (h100, h200, a100; e.g. h100:2x8) and report "
+                             "memory per GPU, kernels and collectives; runs nothing (needs pip install -e '.[gpu]')")
+    parser.add_argument("--hlo-out", default=None, metavar="FILE", help="with --compile-for: write the optimized HLO")
+    if train:
         parser.add_argument("--fp8", action="store_true",
                             help="FP8 (tensorwise e4m3/e5m2) matmuls in the transformer blocks (H100+)")
-    if train and "--remat" not in have:
         parser.add_argument("--remat", choices=("none", "dots", "block"), default="none",
                             help="activation checkpointing of the blocks: none, dots (keep matmul outputs), block")
-    if depth and "--depth" not in have:
+    if depth:
         parser.add_argument("--depth", type=int, default=20,
-                            help="[--compile-for without a checkpoint] nanochat-sized model of this depth")
-    if device_batch_auto and "--device-batch-size" in have:
-        have["--device-batch-size"].type = int_or_auto
+                            help="[--compile-for without a checkpoint] nanochat's model of this depth")
 
 
-def nanochat_config(depth: int, sequence_len: int = 2048, vocab_size: int = 32768, window_pattern: str = "SSSL"):
-    """nanochat base_train's model for a depth: n_embd = 64 * depth rounded up to the 128 head dim."""
-    from jaxchat import model as gpt
-    n_embd = -(-depth * 64 // 128) * 128
-    return gpt.GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_embd // 128,
-                         n_kv_head=n_embd // 128, n_embd=n_embd, window_pattern=window_pattern)
-
-
-def config_from_checkpoint(source: str, model_tag: str | None, depth: int):
-    """The model config of the newest `source` checkpoint (meta only, no weights), else nanochat's for `depth`."""
+def config_from_checkpoint(source: str, model_tag: str | None, depth: int, step: int | None = None):
+    """The model of the `source` checkpoint (newest step, or `step`; meta only, no weights), else nanochat's for
+    `depth` (`jaxchat.plan.depth_config`). Returns (GPTConfig, checkpoint meta ({} without one), origin text)."""
     from jaxchat import checkpoint as ckpt
     from jaxchat import model as gpt
+    from jaxchat.plan import depth_config
     try:
-        meta = ckpt.load_meta(ckpt.checkpoint_dir(source, model_tag))
-        return gpt.GPTConfig.from_dict(meta["model_config"]), f"{source} checkpoint"
+        meta = ckpt.load_meta(ckpt.checkpoint_dir(source, model_tag), step)
+        return gpt.GPTConfig.from_dict(meta["model_config"]), meta, f"{source} checkpoint"
     except (FileNotFoundError, KeyError, ValueError, OSError):
-        return nanochat_config(depth), f"nanochat d{depth} (no {source} checkpoint)"
-
-
-def local_target(mesh) -> Target:
-    """A Target for the real GPUs of `mesh` (their memory from `memory_stats()`), for --device-batch-size=auto at
-    start-up. Raises UserError off GPU."""
-    dev = mesh.devices.flat[0]
-    if backend.platform_of(mesh) != "gpu":
-        raise UserError("--device-batch-size=auto picks the largest batch that fits GPU memory: it needs GPUs, or "
-                        "--compile-for=TARGET:HxG to plan for them; on CPU pass a number, e.g. --device-batch-size=8")
-    limit = int((dev.memory_stats() or {}).get("bytes_limit", 0))
-    text = f'device_memory_size: {limit}\ndevice_description_str: "{dev.device_kind}"'
-    return Target(dev.device_kind.lower().replace(" ", "-"), jax.process_count(), jax.local_device_count(), text)
+        return depth_config(depth), {}, f"nanochat d{depth} (no {source} checkpoint)"
 
 
 def choose_and_compile(build: Callable[[int], tuple], target: Target, device_batch_size, hlo_out: str | None = None,
-                       label: str = "") -> tuple[int, dict]:
-    """Compile `build(device_batch_size)` (or, for 'auto', the largest power of two that fits); write the chosen
-    program's HLO to hlo_out. Returns (device batch size, report)."""
+                       label: str = "", largest: int = 256) -> tuple[int, dict]:
+    """Compile `build(device_batch_size)` (build and largest as for `auto_device_batch_size`) or, for 'auto', the
+    largest power of two that fits `target`; write the chosen program's HLO to hlo_out. Returns (device batch size,
+    its `compile_report`)."""
     if device_batch_size == "auto":
-        b, report = auto_search(build, target)
+        b, report = auto_search(build, target, largest=largest)
         if hlo_out:  # compile the winner once more for its text: auto compiled several candidates
-            jitted, args = build(b)
+            jitted, args = build(b)[:2]
             report = compile_report(jitted, args, target, b, hlo_out, label=label, verbose=False)
         print(f"--device-batch-size=auto: {b} (the largest power of two that fits {target} without XLA "
               f"rematerialisation)", flush=True)
         return b, report
-    jitted, args = build(int(device_batch_size))
+    jitted, args = build(int(device_batch_size))[:2]
     return int(device_batch_size), compile_report(jitted, args, target, int(device_batch_size), hlo_out, label=label)
 
 
@@ -612,58 +534,114 @@ def plan_table(rows: list[tuple[str, Any]], report: dict | None = None) -> str:
     return "\n".join(f"{k:<{width}} | {fmt(v)}" for k, v in rows)
 
 
-def sft_compile_for(args, rl: bool = False) -> dict:
-    """train.sft / train.rl --compile-for: their step (jaxchat.trainer.build_step; RL's weighted) for the model of
-    the newest base (sft for RL) checkpoint, else nanochat's d{--depth}, compiled for the target; one micro-batch
-    per step (accumulation repeats it). Prints a table and, last, one JSON line. Raises UserError when it does
-    not fit."""
-    target = parse_target(args.compile_for)
-    mesh = topology_mesh(target, (target.num_devices // args.fsdp, args.fsdp))
-    source = "sft" if rl else "base"
-    config, origin = config_from_checkpoint(source, getattr(args, "model_tag", None), args.depth)
-    if not rl and getattr(args, "max_seq_len", None):
-        config = type(config).from_dict({**config.to_dict(), "sequence_len": min(args.max_seq_len, config.sequence_len)})
-    lrs = {k: getattr(args, k) for k in ("unembedding_lr", "embedding_lr", "matrix_lr")
-           if getattr(args, k, None) is not None}  # None: SFT inherits them from the checkpoint
+def print_report(report: dict, rows: list[tuple[str, Any]], **extra) -> dict:
+    """An entry point's --compile-for output: the `plan_table` of rows and the report's memory per GPU, then one
+    JSON line {**report, **extra} (process 0). Returns that dict.
 
-    def build(b):
-        return build_pretrain_step(config, mesh, b, fp8=args.fp8, remat=args.remat, learning_rates=lrs,
-                                   weight_decay=getattr(args, "weight_decay", 0.0) if rl else 0.0,
-                                   muon_dtype=args.muon_dtype, weighted=rl, muon_eq=args.muon_eq,
-                                   muon_plus=args.muon_plus)
-
-    name = "RL step" if rl else "SFT step"
-    batch = args.device_batch_size or SPEEDRUN_DEVICE_BATCH  # SFT's None means "inherit from the checkpoint"
-    b, report = choose_and_compile(build, target, batch, args.hlo_out, label=name)
-    rows = [("program", name), ("model", f"d{config.n_layer} n_embd {config.n_embd} seq {config.sequence_len} "
-                                         f"({origin})"), ("fp8", args.fp8), ("remat", args.remat)]
+    Raises:
+        UserError (exit 2 under run_cli): the program does not fit, saying what would (`check_fits`).
+    """
     print(plan_table(rows, report), flush=True)
-    out = {**report, "program": name, "model_config": config.to_dict()}
+    out = {**report, **extra}
     print_json(out)
-    check_fits(report, f"--compile-for={target}: ")
+    check_fits(report, f"--compile-for={report['target']}:{report['hosts']}x{report['gpus_per_host']}: ")
     return out
+
+
+def compile_programs(programs: dict[str, tuple], target: Target, hlo_out: str | None = None,
+                     rows: list[tuple[str, Any]] = ()) -> dict:
+    """--compile-for of several programs (an inference engine's): each compiled for `target` (`compile_report`),
+    a table of rows and one row per program, then one JSON line.
+
+    Args:
+        programs: {name: (jitted, abstract_args) or (jitted, abstract_args, device_batch_size)}, built on a mesh of
+            `target`'s devices. hlo_out: each program's optimized HLO goes to `<hlo_out>.<name>`.
+    Returns:
+        {target, hosts, gpus_per_host, device_memory_gib, fits, programs: {name: report}} (the JSON line).
+    Raises:
+        UserError (exit 2 under run_cli): the program with the highest peak does not fit (`check_fits`).
+    """
+    reports = {}
+    for name, (jitted, abstract_args, *batch) in programs.items():
+        reports[name] = compile_report(jitted, abstract_args, target, batch[0] if batch else None,
+                                       hlo_out and f"{hlo_out}.{name}", label=name)
+    rows = list(rows) + [(name, f"peak {r['memory_gib']['peak']:.2f} GiB per GPU, GEMMs {r['gemms']}, "
+                                f"{r['compile_seconds']:.0f} s") for name, r in reports.items()]
+    print(plan_table(rows), flush=True)
+    worst = max(reports.values(), key=lambda r: r["memory_gib"]["peak"])
+    out = {"target": target.name, "hosts": target.hosts, "gpus_per_host": target.gpus_per_host,
+           "device_memory_gib": worst["device_memory_gib"], "fits": all(r["fits"] for r in reports.values()),
+           "programs": reports}
+    print_json(out)
+    check_fits(worst, f"--compile-for={target}: ")
+    return out
+
+
+def print_json(report: dict) -> None:
+    """The report as the last stdout line (one JSON document), on process 0."""
+    if jax.process_index() == 0:
+        print(json.dumps(report), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The inference programs, until the engine exposes its own (then evals.infer_bench compiles those through
+# choose_and_compile / compile_report like the training steps, and these stand-ins go)
+
+
+def build_prefill(config, mesh, prompt_len: int, max_len: int | None = None):
+    """The engine's prefill: one batch-1 forward over a right-padded prompt of `prompt_len` tokens into a fresh KV
+    cache. Returns (jitted, (params, idx, valid_len) ShapeDtypeStructs)."""
+    from jaxchat import model as gpt
+
+    with backend.use(mesh):
+        rep = shd.replicated(mesh)
+        abstract_params = gpt.param_shapes(config)
+
+        def prefill(params, idx, valid_len):
+            cache = gpt.init_kv_cache(config, 1, max_len or prompt_len)
+            return gpt.forward(params, config, idx, kv_cache=cache, valid_len=valid_len)
+
+        jitted = jax.jit(prefill, in_shardings=rep, out_shardings=rep)
+        args = (shd.abstract_with_shardings(abstract_params, jax.tree.map(lambda _: rep, abstract_params)),
+                jax.ShapeDtypeStruct((1, prompt_len), jnp.int32, sharding=rep),
+                jax.ShapeDtypeStruct((1,), jnp.int32, sharding=rep))
+    return jitted, args
+
+
+def build_decode_loop(config, mesh, batch_size: int, max_len: int | None = None, steps: int = 32):
+    """The engine's decode loop body as one jitted program: `steps` greedy tokens per row with the KV cache
+    (`jaxchat.model.forward` with a cache, the computation the engine's `lax.while_loop` repeats), weights and
+    cache donated in place. Returns (jitted, (params, cache, tokens) ShapeDtypeStructs)."""
+    from jaxchat import model as gpt
+
+    max_len = max_len or config.sequence_len
+    with backend.use(mesh):
+        rep = shd.replicated(mesh)
+        abstract_params = gpt.param_shapes(config)
+        cache = jax.eval_shape(lambda: gpt.init_kv_cache(config, batch_size, max_len))
+
+        def decode(params, cache, tok):
+            def body(carry, _):
+                cache, tok = carry
+                logits, cache = gpt.forward(params, config, tok[:, None], kv_cache=cache)
+                nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+                return (cache, nxt), nxt
+            (cache, tok), toks = jax.lax.scan(body, (cache, tok), None, length=steps)
+            return cache, toks.T
+
+        jitted = jax.jit(decode, in_shardings=rep, out_shardings=rep, donate_argnums=(1,))
+        args = (shd.abstract_with_shardings(abstract_params, jax.tree.map(lambda _: rep, abstract_params)),
+                shd.abstract_with_shardings(cache, jax.tree.map(lambda _: rep, cache)),
+                jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=rep))
+    return jitted, args
 
 
 def infer_bench_compile_for(args, config) -> dict:
     """evals.infer_bench --compile-for: the engine's prefill over --prompt-len and its decode loop (chunks of
-    --decode-chunk tokens) at each --batch-sizes entry, compiled for the target. One JSON line last:
-    {target, hosts, gpus_per_host, device_memory_gib, fits, programs: {prefill, decode_b<B>: report}}."""
-    target = parse_target(args.compile_for)
-    mesh = topology_mesh(target)
+    --decode-chunk tokens) at each --batch-sizes entry, compiled for the target (`compile_programs`)."""
+    mesh, target = mesh_for(args.compile_for)
     max_len = min(config.sequence_len, args.prompt_len + args.decode_tokens)
-    programs = {"prefill": compile_report(*build_prefill(config, mesh, args.prompt_len, max_len), target, 1,
-                                          args.hlo_out and f"{args.hlo_out}.prefill", label="prefill")}
+    programs = {"prefill": (*build_prefill(config, mesh, args.prompt_len, max_len), 1)}
     for b in args.batch_sizes:
-        jitted, a = build_decode_loop(config, mesh, b, max_len, steps=args.decode_chunk)
-        programs[f"decode_b{b}"] = compile_report(jitted, a, target, b, args.hlo_out and f"{args.hlo_out}.decode_b{b}",
-                                                  label=f"decode loop, batch {b}")
-    rows = [(name, f"peak {r['memory_gib']['peak']:.2f} GiB per GPU, GEMMs {r['gemms']}, "
-                   f"{r['compile_seconds']:.0f} s") for name, r in programs.items()]
-    print(plan_table([("model", f"d{config.n_layer} n_embd {config.n_embd}")] + rows), flush=True)
-    worst = max(programs.values(), key=lambda r: r["memory_gib"]["peak"])
-    out = {"target": target.name, "hosts": target.hosts, "gpus_per_host": target.gpus_per_host,
-           "device_memory_gib": worst["device_memory_gib"], "fits": all(r["fits"] for r in programs.values()),
-           "programs": programs}
-    print_json(out)
-    check_fits(worst, f"--compile-for={target}: ")
-    return out
+        programs[f"decode_b{b}"] = (*build_decode_loop(config, mesh, b, max_len, steps=args.decode_chunk), b)
+    return compile_programs(programs, target, args.hlo_out, [("model", f"d{config.n_layer} n_embd {config.n_embd}")])

@@ -23,6 +23,9 @@ The bigram table has vocab_size * factor rows of the unpadded vocab (nanochat do
 
 Precision: master weights stay float32; matmuls and activations run in `jaxchat.common.compute_dtype()` (bfloat16 on
 GPU/TPU, float32 on CPU, `$JAXCHAT_DTYPE` overrides); logits and the loss are float32.
+
+The kernels underneath (plain and FP8 matmuls, attention with its backward, the chunked head + loss) are in
+`jaxchat.kernels`; this module is the architecture: config, params, blocks, forward, loss, KV cache, counts.
 """
 
 from __future__ import annotations
@@ -34,10 +37,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax.linen import fp8_ops
 
 from jaxchat import backend
 from jaxchat.common import compute_dtype
+from jaxchat.kernels import (cached_attention, causal_attention, linear, loss_chunks, softcap_cross_entropy,
+                             softcap_cross_entropy_sum, softcap_logits)
 
 Params = dict[str, Any]
 KVCache = dict[str, jax.Array]
@@ -253,66 +257,6 @@ def rms_norm(x: jax.Array) -> jax.Array:
     return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
-def linear(x: jax.Array, w: jax.Array, fp8: bool = False) -> jax.Array:
-    """x @ w.T with w (out, in) cast to x's dtype (master weights stay float32).
-
-    fp8: run it as `fp8_matmul` (tensorwise-scaled float8) when w is FP8-eligible (`fp8_eligible`), else as is.
-    """
-    if fp8 and fp8_eligible(w.shape):
-        return fp8_matmul(x.reshape(-1, x.shape[-1]), w).reshape(x.shape[:-1] + (w.shape[0],))
-    return jnp.einsum("...i,oi->...o", x, w.astype(x.dtype))
-
-
-def fp8_eligible(shape: tuple[int, ...]) -> bool:
-    """nanochat's FP8 filter: both dims multiples of 16 (the FP8 GEMM's requirement) and at least 128."""
-    return len(shape) == 2 and all(d % 16 == 0 for d in shape) and min(shape) >= 128
-
-
-FP8_EPS = 1e-12  # amax floor: an all-zero tensor (the zero-initialised projections) gets a finite scale
-
-
-def _to_fp8(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-    """Tensorwise dynamic quantisation: (q in `dtype`, float32 scale) with x ~= q * scale, amax mapped to the
-    format's max (saturating). Source: nanochat/fp8.py `_to_fp8`."""
-    amax = jnp.max(jnp.abs(x)).astype(jnp.float32)
-    scale = jnp.maximum(amax, FP8_EPS) / float(jnp.finfo(dtype).max)
-    return fp8_ops.quantize(x.astype(jnp.float32), dtype, scale, jnp.float32), scale
-
-
-def _fp8_dot(a: jax.Array, b: jax.Array, contract: tuple[int, int], scale: jax.Array, out_dtype) -> jax.Array:
-    """Dequantised product of two float8 matrices contracting a's axis contract[0] with b's contract[1]."""
-    y = jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), preferred_element_type=jnp.float32)
-    return (y * scale).astype(out_dtype)
-
-
-@jax.custom_vjp
-def fp8_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x @ w.T with both operands quantised to float8_e4m3fn (one scale per tensor); the backward GEMMs take the
-    output gradient in float8_e5m2 against the saved e4m3 operands (the wider range gradients need).
-
-    x: (N, in) in the compute dtype; w: (out, in) float32 master weight. Returns (N, out) in x's dtype; the
-    gradient of w is float32. Source: nanochat/fp8.py `_Float8Matmul` (the "tensorwise" recipe).
-    """
-    return _fp8_matmul_fwd(x, w)[0]
-
-
-def _fp8_matmul_fwd(x, w):
-    xq, xs = _to_fp8(x, jnp.float8_e4m3fn)
-    wq, ws = _to_fp8(w, jnp.float8_e4m3fn)
-    return _fp8_dot(xq, wq, (1, 1), xs * ws, x.dtype), (xq, xs, wq, ws)
-
-
-def _fp8_matmul_bwd(residuals, g):
-    xq, xs, wq, ws = residuals
-    gq, gs = _to_fp8(g, jnp.float8_e5m2)
-    dx = _fp8_dot(gq, wq, (1, 0), gs * ws, g.dtype)  # (N, out) . (out, in); g has x's dtype
-    dw = _fp8_dot(gq, xq, (0, 0), gs * xs, jnp.float32)  # (N, out)^T . (N, in)
-    return dx, dw
-
-
-fp8_matmul.defvjp(_fp8_matmul_fwd, _fp8_matmul_bwd)
-
-
 def rotary(positions: jax.Array, head_dim: int, dtype) -> tuple[jax.Array, jax.Array]:
     """cos, sin of shape positions.shape + (1, head_dim/2) for RoPE with base 100000, computed in float32."""
     inv_freq = 1.0 / (ROPE_BASE ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
@@ -328,75 +272,6 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     d = x.shape[-1] // 2
     x1, x2 = x[..., :d], x[..., d:]
     return jnp.concatenate([x1 * cos + x2 * sin, x2 * cos - x1 * sin], axis=-1)
-
-
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, local_window: tuple[int, int] | None) -> jax.Array:
-    """Causal (optionally sliding-window) attention, q (B, T, H, D), k/v (B, T, K, D) with K dividing H.
-
-    cuDNN's flash attention on GPU in bfloat16/float16 (`jaxchat.backend.attention_impl`: the platform of the mesh
-    being traced for, not `jax.default_backend()`) (it supports GQA and the causal sliding window); elsewhere,
-    or wherever cuDNN refuses the shape or version (it says so while tracing), `softmax_attention`, XLA einsums
-    with a hand-written backward pass.
-    local_window: (left, 0) lets position t see keys t-left .. t; None: all keys up to t.
-    """
-    if backend.attention_impl(q.dtype) == "cudnn":
-        try:
-            return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local_window,
-                                                implementation="cudnn")
-        except Exception:  # noqa: BLE001 - any refusal falls back to the same computation in XLA
-            pass
-    return softmax_attention(q, k, v, None if local_window is None else local_window[0])
-
-
-def _attention_mask(T: int, window: int | None) -> jax.Array:
-    """(T, T) bool: query t sees key s when s <= t (and t - s <= window)."""
-    delta = jnp.arange(T)[:, None] - jnp.arange(T)[None, :]
-    return (delta >= 0) if window is None else (delta >= 0) & (delta <= window)
-
-
-def _attention_fwd(q, k, v, window):
-    B, T, H, D = q.shape
-    K = k.shape[2]
-    qh = q.reshape(B, T, K, H // K, D).transpose(0, 2, 3, 1, 4)  # (B, K, G, T, D): heads sharing a kv head
-    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, T, D)
-    scores = jnp.einsum("bkgtd,bksd->bkgts", qh, kh, preferred_element_type=jnp.float32) * D ** -0.5
-    probs = jax.nn.softmax(jnp.where(_attention_mask(T, window), scores, -jnp.inf), axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkgts,bksd->bkgtd", probs, vh)
-    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D), (qh, kh, vh, out, probs)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int | None = None) -> jax.Array:
-    """softmax(q k^T / sqrt(D) + causal mask) v, computed what `jax.nn.dot_product_attention(is_causal=True)`
-    computes (XLA implementation), with the standard attention backward pass written out (dP = dO V^T,
-    dS = P * (dP - rowsum(dO * O)), then dQ, dK, dV), which on the CPU runs ~2x faster than differentiating
-    through the softmax.
-
-    Args:
-        q: (B, T, H, D); k, v: (B, T, K, D) with K dividing H (grouped-query attention). Any float dtype; scores
-            and the softmax are float32.
-        window: static; None for plain causal attention, else query t sees keys t-window .. t.
-    Returns:
-        (B, T, H, D) in q's dtype.
-    """
-    return _attention_fwd(q, k, v, window)[0]
-
-
-def _attention_bwd(window, residuals, d_out):
-    qh, kh, vh, out, probs = residuals
-    B, K, G, T, D = qh.shape
-    f32 = jnp.float32
-    do = d_out.reshape(B, T, K, G, D).transpose(0, 2, 3, 1, 4)
-    dv = jnp.einsum("bkgts,bkgtd->bksd", probs, do)
-    dp = jnp.einsum("bkgtd,bksd->bkgts", do, vh, preferred_element_type=f32)
-    delta = jnp.sum(do.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
-    ds = (probs.astype(f32) * (dp - delta) * D ** -0.5).astype(qh.dtype)
-    dq = jnp.einsum("bkgts,bksd->bkgtd", ds, kh).transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, D)
-    dk = jnp.einsum("bkgts,bkgtd->bksd", ds, qh)
-    return dq, dk.transpose(0, 2, 1, 3), dv.transpose(0, 2, 1, 3)
-
-
-softmax_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def bigram_hash(idx: jax.Array, prev: jax.Array, has_prev: jax.Array, num_rows: int) -> jax.Array:
@@ -429,7 +304,7 @@ def _attention(block: Params, config: GPTConfig, x: jax.Array, ve: jax.Array | N
                layer_cache: tuple[jax.Array, jax.Array] | None, pos: jax.Array | None, attend_len: int | None = None,
                fp8: bool = False):
     """One attention sublayer. Returns (y, updated (k_cache, v_cache) or None). With a cache, keys are read from
-    its first attend_len positions (static; default all). fp8: the projections as `fp8_matmul` (see `linear`)."""
+    its first attend_len positions (static; default all). fp8: the projections in FP8 (see `linear`)."""
     B, T, _ = x.shape
     H, K, D = config.n_head, config.n_kv_head, config.head_dim
     q = linear(x, block["c_q"], fp8).reshape(B, T, H, D)
@@ -448,8 +323,7 @@ def _attention(block: Params, config: GPTConfig, x: jax.Array, ve: jax.Array | N
         return linear(y.reshape(B, T, H * D), block["c_proj"], fp8), None
 
     # KV-cache path: write this chunk's k, v into the stacked cache in place (no per-layer slice-and-restack
-    # copies), then attend over the cache's first attend_len positions with a position mask. Einsums over grouped
-    # heads instead of dot_product_attention: on the (B, S, K, D) cache the latter transposes it every decode step.
+    # copies), then attend over the cache's first attend_len positions (`cached_attention`).
     k_all, v_all, layer = layer_cache
     if T == 1:  # decode: one scatter per cache instead of B tiny updates (each a separate op on CPU)
         rows = jnp.arange(B)
@@ -460,31 +334,7 @@ def _attention(block: Params, config: GPTConfig, x: jax.Array, ve: jax.Array | N
             k_all = jax.lax.dynamic_update_slice(k_all, k[b][None, None].astype(k_all.dtype), (layer, b, pos[b], 0, 0))
             v_all = jax.lax.dynamic_update_slice(v_all, v[b][None, None].astype(v_all.dtype), (layer, b, pos[b], 0, 0))
     kc, vc = k_all[layer, :, :attend_len].astype(q.dtype), v_all[layer, :, :attend_len].astype(q.dtype)  # (B,S,K,D)
-    q_pos = pos[:, None] + jnp.arange(T)  # (B, T)
-    delta = q_pos[:, :, None] - jnp.arange(kc.shape[1])[None, None, :]  # (B, T, S)
-    mask = (delta >= 0) & (delta <= window)
-    qg = q.reshape(B, T, K, H // K, D)
-    if T == 1:
-        # One token per row (decode). The cache is read as (B, S, K*D) matrices in its own layout: a batched matmul
-        # over (B, K) would first copy each layer's cache into (B, K, S, D), which costs more than the attention.
-        # Placing each head's query in its own block of a block-diagonal (K*D, K*G) matrix gives every head's
-        # scores in one plain matmul; K times the FLOPs of the scores, still tiny next to reading the cache.
-        G = H // K
-        eye = jnp.eye(K, dtype=q.dtype)
-        q_bd = (qg[:, 0, None, :, :, :] * eye[None, :, :, None, None]).transpose(0, 1, 4, 2, 3)  # (B, K', D, K, G)
-        scores = jnp.einsum("bsx,bxy->bsy", kc.reshape(B, -1, K * D), q_bd.reshape(B, K * D, K * G),
-                            preferred_element_type=jnp.float32) * D ** -0.5  # (B, S, K*G)
-        scores = jnp.where(mask[:, 0, :, None], scores, -jnp.inf)
-        probs = jax.nn.softmax(scores, axis=1).astype(q.dtype)
-        full = jnp.einsum("bsy,bsx->byx", probs, vc.reshape(B, -1, K * D)).reshape(B, K, G, K, D)
-        # The diagonal blocks: head k's own values. Static slices, not a masked sum: XLA fuses a reduce into the
-        # following c_proj matmul, where it runs several times slower than the matmul itself.
-        y = jnp.stack([full[:, k, :, k, :] for k in range(K)], axis=1)  # (B, K, G, D)
-        return linear(y.reshape(B, 1, H * D), block["c_proj"]), (k_all, v_all, layer)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, kc, preferred_element_type=jnp.float32) * D ** -0.5
-    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    y = jnp.einsum("bkgts,bskd->btkgd", probs, vc)
+    y = cached_attention(q, kc, vc, pos, window)
     return linear(y.reshape(B, T, H * D), block["c_proj"]), (k_all, v_all, layer)
 
 
@@ -577,16 +427,6 @@ def _trunk(params: Params, config: GPTConfig, idx: jax.Array, kv_cache: KVCache 
     return x, new_cache
 
 
-def _logits(params: Params, config: GPTConfig, x: jax.Array) -> jax.Array:
-    """Head, crop the vocab padding, float32, softcap: 15 * tanh(z / 15)."""
-    return _softcap(linear(x, params["lm_head"])[..., : config.vocab_size].astype(jnp.float32))
-
-
-def _softcap(z: jax.Array) -> jax.Array:
-    """nanochat's logit softcap 15 * tanh(z / 15): logits squashed into (-15, 15)."""
-    return SOFTCAP * jnp.tanh(z / SOFTCAP)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Public entry points
 
@@ -615,108 +455,8 @@ def forward(params: Params, config: GPTConfig, idx: jax.Array, kv_cache: KVCache
         ValueError: T > sequence_len (or max_len) without a cache.
     """
     x, new_cache = _trunk(params, config, idx, kv_cache, valid_len, attend_len, max_len)
-    logits = _logits(params, config, x)
+    logits = softcap_logits(x, params["lm_head"], config.vocab_size, SOFTCAP)
     return logits if kv_cache is None else (logits, new_cache)
-
-
-def _token_losses(params: Params, config: GPTConfig, x: jax.Array, targets: jax.Array) -> jax.Array:
-    """Per-token cross-entropy (nats, float32) for hidden states x (..., C) and targets (...); 0 where target == -1."""
-    logits = _logits(params, config, x)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    safe = jnp.where(targets < 0, 0, targets)
-    picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
-    return jnp.where(targets < 0, 0.0, logz - picked)
-
-
-# Logits (float32) per loss chunk and device: 2^28 elements = 1 GiB. One chunk on small models; a handful at d20+.
-LOSS_CHUNK_ELEMENTS = 1 << 28
-
-
-def _loss_chunks(config: GPTConfig, B: int, T: int, chunk_tokens: int | None) -> int:
-    """How many chunks along T the head and loss run in: the fewest that divide T and keep a chunk within
-    `chunk_tokens` tokens (default: LOSS_CHUNK_ELEMENTS logits per device, the batch split over all devices)."""
-    if chunk_tokens is None:
-        chunk_tokens = max(1, LOSS_CHUNK_ELEMENTS * backend.device_count() // config.padded_vocab_size)
-    want = -(-B * T // chunk_tokens)
-    return next(n for n in range(max(1, want), T + 1) if T % n == 0) if want < T else T
-
-
-def _chunked(fn, x: jax.Array, targets: jax.Array, n_chunks: int, init):
-    """Scan `fn(carry, (x_chunk, t_chunk)) -> (carry, out_chunk)` over n_chunks slices of the T axis of x (B, T, C)
-    and targets (B, T); returns (carry, outs re-joined along T)."""
-    B, T = targets.shape
-    if n_chunks == 1:
-        return fn(init, (x, targets))
-    tc = T // n_chunks
-    xs = (jnp.swapaxes(x.reshape(B, n_chunks, tc, -1), 0, 1), jnp.swapaxes(targets.reshape(B, n_chunks, tc), 0, 1))
-    carry, outs = jax.lax.scan(fn, init, xs)
-    if outs is None:
-        return carry, None
-    return carry, jnp.swapaxes(outs, 0, 1).reshape((B, T) + outs.shape[3:])
-
-
-def _softcap_ce_terms(x: jax.Array, w: jax.Array, targets: jax.Array, vocab_size: int, with_grads: bool):
-    """Summed softcapped cross-entropy of one chunk, and optionally its gradients (d sum/dx, d sum/dw)."""
-    z = linear(x, w)[..., :vocab_size].astype(jnp.float32)
-    logits = _softcap(z)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    valid = targets >= 0
-    safe = jnp.where(valid, targets, 0)
-    picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
-    loss_sum = jnp.sum(jnp.where(valid, lse - picked, 0.0))
-    if not with_grads:
-        return loss_sum, None, None
-    # d/dz of (lse - logits[target]) = (softmax(logits) - onehot(target)) * (1 - t^2), the tanh's derivative.
-    onehot = jnp.arange(vocab_size) == safe[..., None]
-    t = logits / SOFTCAP
-    dz = (jnp.exp(logits - lse[..., None]) - onehot) * (1.0 - t * t)
-    dz = jnp.where(valid[..., None], dz, 0.0).astype(x.dtype)
-    dx = jnp.einsum("...v,vc->...c", dz, w[:vocab_size].astype(x.dtype))
-    dw = jnp.einsum("nv,nc->vc", dz.reshape(-1, vocab_size), x.reshape(-1, x.shape[-1]),
-                    preferred_element_type=jnp.float32)
-    dw = jnp.pad(dw, ((0, w.shape[0] - vocab_size), (0, 0))).astype(w.dtype)
-    return loss_sum, dx, dw
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def softcap_cross_entropy_sum(x: jax.Array, w: jax.Array, targets: jax.Array, vocab_size: int,
-                              n_chunks: int = 1) -> jax.Array:
-    """Sum over tokens of the cross-entropy of softcapped logits 15 * tanh((x @ w.T)[..., :vocab_size] / 15).
-
-    A fused head + loss ("linear cross-entropy"): the forward pass of a gradient computes the gradients with
-    respect to x and w chunk by chunk, so neither the (B, T, vocab) logits nor their gradient are kept for the
-    backward pass, and nothing is recomputed (the backward pass only scales by the cotangent).
-
-    Args:
-        x: (B, T, C) hidden states in the compute dtype.
-        w: (Vp, C) float32 head (nanochat `lm_head`), Vp >= vocab_size (padded rows get zero gradient).
-        targets: int32 (B, T); -1 is ignored.
-        vocab_size: real vocabulary size (static).
-        n_chunks: number of slices of T computed one after the other (static, divides T).
-    Returns:
-        float32 scalar, the summed loss in nats.
-    Source: nanochat/gpt.py `GPT.forward` (softcap 15, cross_entropy with ignore_index=-1).
-    """
-    def body(total, xt):
-        return total + _softcap_ce_terms(xt[0], w, xt[1], vocab_size, False)[0], None
-    return _chunked(body, x, targets, n_chunks, jnp.zeros((), jnp.float32))[0]
-
-
-def _softcap_ce_fwd(x, w, targets, vocab_size, n_chunks):
-    def body(carry, xt):
-        total, dw_sum = carry
-        loss_sum, dx, dw = _softcap_ce_terms(xt[0], w, xt[1], vocab_size, True)
-        return (total + loss_sum, dw_sum + dw), dx
-    (total, dw), dx = _chunked(body, x, targets, n_chunks, (jnp.zeros((), jnp.float32), jnp.zeros_like(w)))
-    return total, (dx, dw)
-
-
-def _softcap_ce_bwd(vocab_size, n_chunks, residuals, g):
-    dx, dw = residuals
-    return (g * dx).astype(dx.dtype), (g * dw).astype(dw.dtype), None
-
-
-softcap_cross_entropy_sum.defvjp(_softcap_ce_fwd, _softcap_ce_bwd)
 
 
 def loss_fn(params: Params, config: GPTConfig, idx: jax.Array, targets: jax.Array, reduction: str = "mean",
@@ -732,8 +472,8 @@ def loss_fn(params: Params, config: GPTConfig, idx: jax.Array, targets: jax.Arra
         idx, targets: int32 (B, T); targets == -1 are ignored.
         reduction: 'mean' (over valid targets; a scalar), 'sum' (scalar) or 'none' ((B, T) float32, 0 where ignored).
         loss_chunk_tokens: tokens (over the whole batch) per chunk; default keeps a chunk's logits near 1 GiB per
-            device (LOSS_CHUNK_ELEMENTS).
-        fp8: the blocks' linear layers as `fp8_matmul` (nanochat `--fp8`, tensorwise scaling; e4m3 forward, e5m2
+            device (`jaxchat.kernels.LOSS_CHUNK_ELEMENTS`).
+        fp8: the blocks' linear layers as `jaxchat.kernels.fp8_matmul` (nanochat `--fp8`, tensorwise scaling; e4m3 forward, e5m2
             gradients); the head, gates and embeddings stay in the compute dtype.
         remat: "none", "dots" (keep the linear layers' outputs, recompute the rest) or "block" (keep each block's
             input only): activation checkpointing of the blocks, for larger device batches.
@@ -746,13 +486,10 @@ def loss_fn(params: Params, config: GPTConfig, idx: jax.Array, targets: jax.Arra
         raise ValueError(f"--remat must be one of none, {', '.join(REMAT_POLICIES)}; got {remat!r}")
     x, _ = _trunk(params, config, idx, fp8=fp8, remat=remat)
     B, T, _ = x.shape
-    n_chunks = _loss_chunks(config, B, T, loss_chunk_tokens)
+    n_chunks = loss_chunks(B, T, config.padded_vocab_size, loss_chunk_tokens)
     if reduction == "none":
-        step = lambda xc, tc: _token_losses(params, config, xc, tc)  # noqa: E731
-        step = jax.checkpoint(step) if n_chunks > 1 else step  # one chunk: nothing to save by recomputing
-        _, losses = _chunked(lambda c, xt: (c, step(*xt)), x, targets, n_chunks, ())
-        return losses
-    total = softcap_cross_entropy_sum(x, params["lm_head"], targets, config.vocab_size, n_chunks)
+        return softcap_cross_entropy(x, params["lm_head"], targets, config.vocab_size, SOFTCAP, n_chunks)
+    total = softcap_cross_entropy_sum(x, params["lm_head"], targets, config.vocab_size, SOFTCAP, n_chunks)
     if reduction == "sum":
         return total
     return total / jnp.maximum((targets >= 0).sum(), 1)
@@ -805,6 +542,3 @@ def estimate_flops(config: GPTConfig) -> int:
     attn = sum(12 * config.n_head * config.head_dim * min(w, t) for w in config.window_sizes)
     return 6 * matmul_params + attn
 
-
-# `loss(params, config, idx, targets)`: the short name, for callers that think of nanochat's `model(idx, targets)`.
-loss = loss_fn

@@ -21,17 +21,22 @@ def recipe(args) -> str:
     return "5019acc" if args.muon_eq == "none" and not args.muon_plus else "head"
 
 
+def depth_config(depth: int, vocab_size: int = DEFAULT_VOCAB, *, sequence_len: int = 2048, aspect_ratio: int = 64,
+                 head_dim: int = 128, window_pattern: str = "SSSL", bigram_embed_factor: int = 0) -> gpt.GPTConfig:
+    """nanochat's model for a depth (`build_model_meta` of scripts/base_train.py; defaults are its flags'):
+    n_embd = depth * aspect_ratio rounded up to a multiple of head_dim, n_head = n_kv_head = n_embd / head_dim."""
+    n_embd = -(-depth * aspect_ratio // head_dim) * head_dim
+    n_head = n_embd // head_dim
+    extra = {"bigram_embed_factor": bigram_embed_factor} if bigram_embed_factor > 0 else {}
+    return gpt.GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
+                         n_kv_head=n_head, n_embd=n_embd, window_pattern=window_pattern, **extra)
+
+
 def model_config(args, vocab_size: int, depth: int | None = None) -> gpt.GPTConfig:
-    """GPTConfig for `depth` (default --depth): width rounded up to a multiple of --head-dim (nanochat
-    `build_model_meta`)."""
-    depth = args.depth if depth is None else depth
-    n_embd = -(-depth * args.aspect_ratio // args.head_dim) * args.head_dim
-    n_head = n_embd // args.head_dim
-    extra = {}
-    if getattr(args, "bigram_embed_factor", 0) > 0:
-        extra["bigram_embed_factor"] = args.bigram_embed_factor
-    return gpt.GPTConfig(sequence_len=args.max_seq_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
-                         n_kv_head=n_head, n_embd=n_embd, window_pattern=args.window_pattern, **extra)
+    """`depth_config` for train.pretrain's flags at `depth` (default --depth)."""
+    return depth_config(args.depth if depth is None else depth, vocab_size, sequence_len=args.max_seq_len,
+                        aspect_ratio=args.aspect_ratio, head_dim=args.head_dim, window_pattern=args.window_pattern,
+                        bigram_embed_factor=getattr(args, "bigram_embed_factor", 0))
 
 
 def scaling_params(config: gpt.GPTConfig) -> int:

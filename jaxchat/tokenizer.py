@@ -9,7 +9,9 @@ Same design and constants as nanochat's `nanochat/tokenizer.py` (RustBPETokenize
 On disk (`$JAXCHAT_BASE_DIR/tokenizer/`):
 - `tokenizer.pkl`: a pickled plain dict {name, pat_str, mergeable_ranks: {bytes: int}, special_tokens: {str: int}}.
   It needs neither rustbpe nor any jaxchat class to load. A nanochat `tokenizer.pkl` (a pickled tiktoken
-  Encoding, which pickles to the same pieces) loads too.
+  Encoding, which pickles to the same pieces) loads too. Loading runs no code from the file: a restricted
+  unpickler admits only the few globals those two formats contain (`_SafeTokenizerUnpickler`), so a model
+  directory someone shared cannot run a payload through its tokenizer.
 - `token_bytes.npy`: int32 (vocab_size,), the UTF-8 byte length of every token, 0 for special tokens; the
   denominator of bits-per-byte (nanochat's `token_bytes.pt`).
 """
@@ -108,12 +110,17 @@ class Tokenizer:
 
     @classmethod
     def from_directory(cls, tokenizer_dir: str) -> "Tokenizer":
-        """Load `tokenizer_dir/tokenizer.pkl` (ours, or nanochat's pickled tiktoken Encoding).
+        """Load `tokenizer_dir/tokenizer.pkl` (ours, or nanochat's pickled tiktoken Encoding) without running code.
+
+        The file is read by a restricted unpickler (`_SafeTokenizerUnpickler`): a pickle that names any global
+        besides the few a tiktoken Encoding pickles to (os.system, builtins.eval, subprocess.Popen, ...) is
+        refused before anything is called.
 
         Raises:
             MissingInputError (a UserError and FileNotFoundError): no tokenizer.pkl there (the message names the
                 path and `python -m train.tokenizer`).
-            BadInputError (a UserError and ValueError): the file is not a pickle or holds something else.
+            BadInputError (a UserError and ValueError): the file is not a pickle, holds something else, or would
+                run code (the one-line message names the path and the refused global).
         """
         from jaxchat.common import BadInputError, MissingInputError  # lazy: importing common imports jax
 
@@ -123,19 +130,26 @@ class Tokenizer:
                                     f"(it writes to $JAXCHAT_BASE_DIR/tokenizer)")
         try:
             with open(path, "rb") as f:
-                obj = pickle.load(f)
-        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError) as e:
-            raise BadInputError(f"{path}: not a readable tokenizer ({type(e).__name__}: {e}); retrain it with "
+                obj = _SafeTokenizerUnpickler(f).load()
+        except _RefusedGlobal as e:
+            raise BadInputError(f"{path}: refused to load: {e}; a tokenizer file holds only ranks and special "
+                                f"tokens (do not trust this model directory, or retrain with `{TRAIN_COMMAND}`)") from e
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError, TypeError, KeyError,
+                IndexError, RecursionError, MemoryError) as e:
+            msg = str(e).splitlines()[0] if str(e) else ""
+            raise BadInputError(f"{path}: not a readable tokenizer ({type(e).__name__}: {msg}); retrain it with "
                                 f"`{TRAIN_COMMAND}`") from e
-        if isinstance(obj, tiktoken.Encoding):
-            enc = obj
-        elif isinstance(obj, dict) and {"pat_str", "mergeable_ranks", "special_tokens"} <= obj.keys():
-            enc = tiktoken.Encoding(obj.get("name", "rustbpe"), pat_str=obj["pat_str"],
-                                    mergeable_ranks=obj["mergeable_ranks"], special_tokens=obj["special_tokens"])
-        else:
-            raise BadInputError(f"{path}: expected a dict with pat_str, mergeable_ranks, special_tokens or a "
-                                f"tiktoken Encoding, got {type(obj).__name__}; retrain it with `{TRAIN_COMMAND}`")
-        return cls(enc, "<|bos|>")
+        if isinstance(obj, _EncodingState):  # nanochat's pickled tiktoken Encoding
+            obj = obj.state
+        pieces = _encoding_pieces(obj)
+        if pieces is None:
+            raise BadInputError(f"{path}: expected a dict with str pat_str, mergeable_ranks {{bytes: int}} and "
+                                f"special_tokens {{str: int}} or a tiktoken Encoding, got {type(obj).__name__}; "
+                                f"retrain it with `{TRAIN_COMMAND}`")
+        try:
+            return cls(tiktoken.Encoding(**pieces), "<|bos|>")
+        except (ValueError, KeyError) as e:  # a pat_str that is not a regex; no <|bos|> special token
+            raise BadInputError(f"{path}: not a usable tokenizer ({e}); retrain it with `{TRAIN_COMMAND}`") from e
 
     @classmethod
     def from_pretrained(cls, tiktoken_name: str) -> "Tokenizer":
@@ -380,6 +394,78 @@ def _validated_messages(conversation: dict[str, Any]) -> list[dict[str, Any]]:
             raise ValueError(f"message {i}: assistant content must be a str or a list of parts, "
                              f"got {type(content).__name__}")
     return messages
+
+
+
+# ---------------------------------------------------------------------------------------------- safe loading
+# A pickle runs code by naming a global (module.attribute) and calling it. Our tokenizer.pkl is a plain dict (no
+# globals at protocol >= 3); nanochat's is `pickle.dump(tiktoken.Encoding)`, which names tiktoken.core.Encoding
+# and, at protocols 0-2, copyreg._reconstructor, builtins.object and _codecs.encode (for bytes). Each of those
+# maps to a stand-in below that only stores or converts data: even tiktoken's own Encoding.__setstate__ is not
+# run, since a str state makes it fetch a registered encoding by name.
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """The pickle names a global outside the tokenizer formats (e.g. os.system): it would run code."""
+
+
+class _EncodingState:
+    """Stands in for tiktoken.core.Encoding while unpickling: keeps the state it is given, runs nothing."""
+
+    state: Any = None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+def _reconstructor(cls: Any, base: Any, state: Any) -> _EncodingState:
+    """copyreg._reconstructor, as protocols 0-1 pickle an Encoding: only the (Encoding, object, None) form."""
+    if cls is not _EncodingState or base is not object or state is not None:
+        raise _RefusedGlobal("copyreg._reconstructor used for something other than a tiktoken Encoding")
+    return _EncodingState()
+
+
+def _latin1_bytes(text: Any, encoding: Any = "latin1") -> bytes:
+    """_codecs.encode, as protocols 0-2 pickle bytes (str, "latin1"): that form only."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise _RefusedGlobal(f"_codecs.encode used with {type(text).__name__}, {encoding!r} instead of str, 'latin1'")
+    return text.encode("latin-1")
+
+
+_SAFE_GLOBALS = {
+    ("tiktoken.core", "Encoding"): _EncodingState,
+    ("copy_reg", "_reconstructor"): _reconstructor, ("copyreg", "_reconstructor"): _reconstructor,
+    ("__builtin__", "object"): object, ("builtins", "object"): object,
+    ("_codecs", "encode"): _latin1_bytes,
+}
+
+
+class _SafeTokenizerUnpickler(pickle.Unpickler):
+    """Unpickles only the tokenizer formats: every global outside `_SAFE_GLOBALS` raises `_RefusedGlobal`."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _SAFE_GLOBALS[(module, name)]
+        except (KeyError, TypeError):
+            raise _RefusedGlobal(f"it names the global {module}.{name}, which would run code") from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise _RefusedGlobal("it holds a persistent reference, which a tokenizer file never does")
+
+
+def _encoding_pieces(obj: Any) -> dict[str, Any] | None:
+    """tiktoken.Encoding keyword arguments from an unpickled state dict, or None if any piece has a wrong type."""
+    if not isinstance(obj, dict):
+        return None
+    name, pat_str = obj.get("name", "rustbpe"), obj.get("pat_str")
+    ranks, special = obj.get("mergeable_ranks"), obj.get("special_tokens")
+    if not (isinstance(name, str) and isinstance(pat_str, str) and isinstance(ranks, dict)
+            and isinstance(special, dict)):
+        return None
+    if not all(type(k) is bytes and type(v) is int for k, v in ranks.items()):
+        return None
+    if not all(type(k) is str and type(v) is int for k, v in special.items()):
+        return None
+    return {"name": name, "pat_str": pat_str, "mergeable_ranks": ranks, "special_tokens": special}
 
 
 def _tokenizer_dir() -> str:

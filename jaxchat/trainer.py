@@ -84,7 +84,8 @@ class Diverged(UserError, FloatingPointError):
 
 
 def add_train_flags(p: argparse.ArgumentParser, save_every: int = -1) -> None:
-    """The flags every training script shares (loop, checkpoints, optimizer variant, step compilation)."""
+    """The flags every training script shares (loop, checkpoints, optimizer variant). The step's own --fp8 and
+    --remat come with --compile-for from `jaxchat.gpu_compile.add_flags`."""
     p.add_argument("--run", type=str, default="dummy", help="TensorBoard run name under $JAXCHAT_BASE_DIR/runs ('dummy' disables it)")
     p.add_argument("--resume-from-step", type=str, default=None, help="resume this run from checkpoint step N, or 'latest'")
     p.add_argument("--overwrite", action="store_true", help="replace the checkpoints of an existing tag instead of refusing")
@@ -94,8 +95,6 @@ def add_train_flags(p: argparse.ArgumentParser, save_every: int = -1) -> None:
     p.add_argument("--muon-eq", choices=("none", "row", "col"), default="row", help="MuonEq equilibration of the Muon update")
     p.add_argument("--muon-plus", action=argparse.BooleanOptionalAction, default=True, help="Muon+ (on by default)")
     p.add_argument("--muon-dtype", choices=("bfloat16", "float32", "auto"), default="bfloat16", help="dtype of Muon's Polar Express iterations: bfloat16 as nanochat; auto = float32 when the compute dtype is")
-    p.add_argument("--fp8", action="store_true", help="fp8 matmuls in the blocks (GPU)")
-    p.add_argument("--remat", choices=("none", "dots", "block"), default="none", help="rematerialisation in the backward pass")
     p.add_argument("--seed", type=int, default=42, help="seed of every random draw (init, sampling)")
 
 
@@ -110,9 +109,11 @@ def parse_resume(value: str | None) -> int | str | None:
         raise UserError(f"--resume-from-step={value!r}: expected a step number or 'latest'") from None
 
 
-def step_loss_fn(args) -> Callable:
-    """gpt.loss_fn, with --fp8 / --remat bound only when they differ from the defaults."""
-    kw = {k: v for k, v in (("fp8", args.fp8), ("remat", args.remat)) if v not in (False, "none")}
+@functools.lru_cache(maxsize=None)
+def step_loss_fn(fp8: bool = False, remat: str = "none") -> Callable:
+    """The `loss_fn` of `build_step` for --fp8 / --remat: gpt.loss_fn, with each bound only when it differs from
+    the default. Cached: the same flags give the same function, so build_step's cache returns the same step."""
+    kw = {k: v for k, v in (("fp8", fp8), ("remat", remat)) if v not in (False, "none")}
     return functools.partial(gpt.loss_fn, **kw) if kw else gpt.loss_fn
 
 

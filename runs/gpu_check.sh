@@ -40,7 +40,8 @@ part() {  # part NAME CMD...: run with a time limit; its last stdout line (JSON)
 TRAIN_PY='
 import json, os, sys, time
 import jax, jax.numpy as jnp, numpy as np
-from jaxchat import backend, gpu_compile as gc, model as gpt, sharding as shd
+from jaxchat import backend, model as gpt, sharding as shd, trainer as T
+from jaxchat.plan import depth_config
 from jaxchat.common import get_peak_flops
 fp8 = sys.argv[1] == "fp8"
 dev = jax.devices()[0]
@@ -48,19 +49,18 @@ if dev.platform != "gpu" and not os.environ.get("GPU_CHECK_ALLOW_CPU"):
     raise SystemExit(f"no GPU: the first device is {dev.platform}")
 mesh = shd.make_mesh(1, [dev])
 backend.activate(mesh)
-config = gc.nanochat_config(int(os.environ.get("DEPTH", 20)), int(os.environ.get("SEQ", 2048)))
+config = depth_config(int(os.environ.get("DEPTH", 20)), sequence_len=int(os.environ.get("SEQ", 2048)))
 B, steps = int(os.environ.get("DEVICE_BATCH", 16)), int(os.environ.get("STEPS", 20))
 lrs = {"embedding_lr": 0.3, "unembedding_lr": 0.008, "matrix_lr": 0.02, "scalar_lr": 0.5}
-step, args, optimizer = gc.build_pretrain_step(config, mesh, B, fp8=fp8, learning_rates=lrs, weight_decay=0.28,
-                                                with_optimizer=True)
-param_sh = jax.tree.map(lambda a: a.sharding, args[0])
-opt_sh = jax.tree.map(lambda a: a.sharding, args[1])
-params = jax.jit(lambda k: gpt.init_params(config, k), out_shardings=param_sh)(jax.random.key(0))
-opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
-T = config.sequence_len
-tokens = jax.random.randint(jax.random.key(1), (1, B, T + 1), 0, config.vocab_size, jnp.int32)
-batch = {"inputs": jax.device_put(tokens[:, :, :-1], args[2]["inputs"].sharding),
-         "targets": jax.device_put(tokens[:, :, 1:], args[2]["targets"].sharding)}
+train_step = T.build_step(config, mesh, device_batch_size=B, seq_len=config.sequence_len, grad_accum=1, lrs=lrs,
+                          weight_decay=0.28, loss_fn=T.step_loss_fn(fp8))
+step = train_step.fn
+params = train_step.init_params(jax.random.key(0))
+opt_state = train_step.init_opt(params)
+L = config.sequence_len
+tokens = jax.random.randint(jax.random.key(1), (1, B, L + 1), 0, config.vocab_size, jnp.int32)
+batch = {"inputs": jax.device_put(tokens[:, :, :-1], train_step.batch_sh["inputs"]),
+         "targets": jax.device_put(tokens[:, :, 1:], train_step.batch_sh["targets"])}
 hp = {"lrm": np.float32(1.0), "momentum": np.float32(0.95), "weight_decay": np.float32(0.28)}
 t0 = time.perf_counter()
 params, opt_state, loss = step(params, opt_state, batch, hp)
@@ -74,7 +74,7 @@ for _ in range(steps):  # no host sync inside: one wait at the end
     params, opt_state, loss = step(params, opt_state, batch, hp)
 last_loss = float(loss)
 dt = time.perf_counter() - t0
-tok_s = steps * B * T / dt
+tok_s = steps * B * L / dt
 peak = get_peak_flops(dev.device_kind)
 stats = dev.memory_stats() or {}
 print(json.dumps({"device": dev.device_kind, "fp8": fp8, "device_batch_size": B, "steps": steps,

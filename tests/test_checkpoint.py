@@ -115,6 +115,42 @@ def test_convert_reports_missing_files(tmp_path):
         convert.read_nanochat(str(tmp_path))
 
 
+
+class _RunsCode:
+    """Pickles as os.system(cmd)."""
+
+    def __init__(self, cmd):
+        self.cmd = cmd
+
+    def __reduce__(self):
+        return os.system, (self.cmd,)
+
+
+def test_nanochat_pt_that_would_run_code_is_refused(tmp_path):
+    """model_*.pt is read with torch.load(weights_only=True): a planted checkpoint whose unpickling runs code
+    (shown live under weights_only=False) is refused with a one-line UserError naming the file; no code runs."""
+    pytest.importorskip("torch", reason="nanochat .pt files need PyTorch (pip install -e '.[torch]')")
+    import shutil
+
+    import torch
+
+    from jaxchat.common import UserError
+
+    src = tmp_path / "d3"
+    shutil.copytree(os.path.join(ACTIVE, "base_checkpoints", "d3"), src)
+    marker = tmp_path / "pwned"
+    state = torch.load(src / "model_000000.pt", map_location="cpu", weights_only=True)
+    state["extra"] = _RunsCode(f"touch {marker}")
+    torch.save(state, src / "model_000000.pt")
+    torch.load(src / "model_000000.pt", weights_only=False)  # proof that the payload is live
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(UserError) as e:
+        convert.read_nanochat(str(src))
+    message = str(e.value)
+    assert "\n" not in message and str(src / "model_000000.pt") in message and "refused" in message, message
+    assert "posix.system" in message and not marker.exists()
+
 def test_missing_checkpoint_is_a_one_line_user_error_listing_what_exists(tmp_path):
     from jaxchat.common import UserError
     from jaxchat.checkpoint import load_model_from

@@ -7,6 +7,7 @@ The FP8 / remat / embedding-dtype tests at the end run on CPU everywhere.
 """
 
 import functools
+import json
 import math
 import os
 
@@ -18,17 +19,13 @@ import pytest
 from jaxchat import backend
 from jaxchat import gpu_compile as gc
 from jaxchat import model as gpt
+from jaxchat import sharding as shd
+from jaxchat import trainer as T
+from jaxchat.plan import depth_config
 
 PLUGIN_MISSING = gc.cuda_plugin_missing()
 needs_plugin = pytest.mark.skipif(PLUGIN_MISSING is not None, reason=f"GPU compile tests: {PLUGIN_MISSING}")
 SPEEDRUN_DEVICE_BATCH = 16  # nanochat's speedrun --device-batch-size on 8xH100
-
-
-def nanochat_config(depth: int, seq: int = 2048, vocab: int = 32768) -> gpt.GPTConfig:
-    """base_train's sizing: n_embd = 64 * depth rounded up to the 128 head dim, one kv head per head."""
-    n_embd = -(-depth * 64 // 128) * 128
-    return gpt.GPTConfig(sequence_len=seq, vocab_size=vocab, n_layer=depth, n_head=n_embd // 128,
-                         n_kv_head=n_embd // 128, n_embd=n_embd)
 
 
 SMALL = gpt.GPTConfig(sequence_len=512, vocab_size=8192, n_layer=4, n_head=2, n_kv_head=2, n_embd=256)
@@ -45,9 +42,13 @@ def gpu_env():
 
 @functools.lru_cache(maxsize=None)
 def _train_report(config: gpt.GPTConfig, spec: str, batch: int, fp8: bool = False) -> dict:
-    target = gc.parse_target(spec)
-    step, args = gc.build_pretrain_step(config, gc.topology_mesh(target), batch, fp8=fp8)
-    return gc.compile_report(step, args, target, batch, label=f"test d{config.n_layer}{' fp8' if fp8 else ''}")
+    """The trainer's step (one micro-batch, pretraining's defaults otherwise) compiled for `spec`."""
+    mesh, target = gc.mesh_for(spec)
+    with backend.use(mesh):  # build_step activates the described GPUs; the CPU tests below must not inherit them
+        step = T.build_step(config, mesh, device_batch_size=batch, seq_len=config.sequence_len, grad_accum=1,
+                            lrs={}, loss_fn=T.step_loss_fn(fp8))
+    return gc.compile_report(step.fn, step.abstract_args, target, batch,
+                             label=f"test d{config.n_layer}{' fp8' if fp8 else ''}")
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def _expected_windows(config: gpt.GPTConfig) -> list[int]:
 @needs_plugin
 @pytest.mark.parametrize("depth,spec", [(20, "h100:1x8"), (24, "h100:1x8"), (24, "h100:2x8")])
 def test_speedrun_steps_fit_at_device_batch_16(reports, depth, spec):
-    r = reports(nanochat_config(depth), spec, SPEEDRUN_DEVICE_BATCH)
+    r = reports(depth_config(depth), spec, SPEEDRUN_DEVICE_BATCH)
     assert r["hosts"] * r["gpus_per_host"] == (16 if spec.endswith("2x8") else 8)
     assert r["fits"] and not r["remat_by_xla"], r["memory_gib"]
     assert r["memory_gib"]["peak"] <= r["device_memory_gib"] * gc.XLA_MEMORY_LIMIT_FRACTION
@@ -79,7 +80,7 @@ def test_speedrun_steps_fit_at_device_batch_16(reports, depth, spec):
 
 @needs_plugin
 def test_cudnn_flash_attention_forward_and_backward_with_the_window_pattern(reports):
-    config = nanochat_config(20)
+    config = depth_config(20)
     a = reports(config, "h100:1x8", SPEEDRUN_DEVICE_BATCH)["attention"]
     assert a["cudnn_fwd"] >= config.n_layer and a["cudnn_bwd"] >= config.n_layer, a
     assert a["window_lengths_fwd"] == _expected_windows(config) == a["window_lengths_bwd"], a
@@ -88,7 +89,7 @@ def test_cudnn_flash_attention_forward_and_backward_with_the_window_pattern(repo
 
 @needs_plugin
 def test_bf16_step_has_no_f32_gemm_in_the_blocks(reports):
-    r = reports(nanochat_config(20), "h100:1x8", SPEEDRUN_DEVICE_BATCH)
+    r = reports(depth_config(20), "h100:1x8", SPEEDRUN_DEVICE_BATCH)
     assert r["block_gemms"]["f32"] == 0 and r["block_gemms"]["fp8"] == 0, r["block_gemms"]
     # forward (6 linears) and backward (2 GEMMs each) per layer, some fused by XLA
     assert r["block_gemms"]["bf16"] >= 6 * 20, r["block_gemms"]
@@ -111,7 +112,7 @@ def test_optimizer_state_is_sharded_as_gpus_are_added(reports):
     """ZeRO-1: per-device argument bytes fall with the device count (parameters stay replicated)."""
     one, eight = (reports(SMALL, s, 4)["memory_gib"]["arguments"] for s in ("h100:1x1", "h100:1x8"))
     assert eight < one * 0.75, (one, eight)
-    d24 = [reports(nanochat_config(24), s, SPEEDRUN_DEVICE_BATCH)["memory_gib"]["arguments"]
+    d24 = [reports(depth_config(24), s, SPEEDRUN_DEVICE_BATCH)["memory_gib"]["arguments"]
            for s in ("h100:1x8", "h100:2x8")]
     assert d24[1] < d24[0], d24
 
@@ -160,6 +161,122 @@ def test_hlo_analysis_reads_operand_dtypes_and_scopes():
     assert h["block_gemms"]["bf16"] == 0
     assert h["attention"]["cudnn_fwd"] == 1 and h["attention"]["window_lengths_fwd"] == [513]
     assert h["collectives"] == {"all-reduce": 1}
+
+
+@needs_plugin
+def test_pretrain_compile_for_prints_the_table_and_one_json_line_and_writes_the_hlo(gpu_env, tmp_path, capsys):
+    from train import pretrain
+
+    hlo = tmp_path / "step.hlo"
+    with backend.use("cpu"):  # undo the entry point's activation of the described GPUs afterwards
+        out = pretrain.main(["--depth=4", "--aspect-ratio=64", "--head-dim=128", "--max-seq-len=512",
+                             "--vocab-size=8192", "--device-batch-size=4", "--total-batch-size=32768",
+                             "--num-iterations=10", "--compile-for=h100:1x8", f"--hlo-out={hlo}"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    report = json.loads(lines[-1])
+    assert report == json.loads(json.dumps(out)) and report["plan"]["grad_accum_steps"] == 2
+    assert (report["target"], report["gpus_per_host"], report["device_batch_size"]) == ("h100", 8, 4)
+    assert report["fits"] and report["attention"]["cudnn_bwd"] >= 4 and report["collectives"]
+    assert any(line.startswith("peak per GPU (GiB)") and line.endswith(": fits") for line in lines)
+    assert any(line.startswith("grad accumulation") for line in lines)  # jaxchat.plan's table comes first
+    assert "__cudnn$fmha" in hlo.read_text()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The entry points compile the very step they run: this machine's CPU devices stand in for the described GPUs
+
+
+@pytest.fixture
+def cpu_compile_for(monkeypatch):
+    """`--compile-for=anything` on the CPU devices: mesh_for gives their mesh and a Target of `memory['bytes']`
+    per device; every program compiled is recorded as (jitted, abstract_args)."""
+    real_mesh_for, real_compile = gc.mesh_for, gc.compile_report
+    memory, compiled = {"bytes": 64 * gc.GIB}, []
+
+    def mesh_for(spec, fsdp=1):
+        if not spec:
+            return real_mesh_for(spec, fsdp)
+        text = f'device_memory_size: {memory["bytes"]}\ndevice_description_str: "cpu"'
+        return shd.make_mesh(fsdp), gc.Target("cpu", 1, jax.device_count(), text)
+
+    def compile_report(jitted, abstract_args, *args, **kwargs):
+        compiled.append((jitted, abstract_args))
+        return real_compile(jitted, abstract_args, *args, **kwargs)
+
+    monkeypatch.setattr(gc, "mesh_for", mesh_for)
+    monkeypatch.setattr(gc, "compile_report", compile_report)
+    with backend.use(backend.platform()):  # the entry point activates its mesh; undo it afterwards
+        yield memory, compiled
+
+
+def _batch_shape(abstract_args) -> tuple:
+    return abstract_args[2]["inputs"].shape
+
+
+def test_pretrain_compile_for_compiles_the_step_the_run_builds(cpu_compile_for, capsys):
+    from train import pretrain
+
+    _, compiled = cpu_compile_for
+    argv = ["--depth=2", "--max-seq-len=64", "--vocab-size=256", "--device-batch-size=1", "--total-batch-size=1024",
+            "--num-iterations=1", "--fp8", "--compile-for=cpu"]
+    out = pretrain.main(argv)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["plan"] == out["plan"]
+    args = pretrain.parse_args(argv)
+    step = pretrain.build(args, pretrain.make_plan(args, 256, jax.device_count()), shd.make_mesh(1), 1)
+    (jitted, abstract_args), = compiled
+    assert jitted is step.fn  # build_step's cache: the same flags on the same mesh give the same program
+    assert _batch_shape(abstract_args) == _batch_shape(step.abstract_args) == (2, jax.device_count(), 64)
+
+
+def test_auto_device_batch_stays_within_one_micro_batch_of_the_total_batch(cpu_compile_for, capsys):
+    """--device-batch-size=auto never picks more rows than the total batch holds (here 1024 tokens = 2 rows of 64
+    per device on 8 devices, whatever the memory allows): it starts below 16 and does not double past 2."""
+    from train import pretrain
+
+    _, compiled = cpu_compile_for
+    out = pretrain.main(["--depth=2", "--max-seq-len=64", "--vocab-size=256", "--device-batch-size=auto",
+                         "--total-batch-size=1024", "--num-iterations=1", "--compile-for=cpu"])
+    rows = 1024 // (64 * jax.device_count())
+    assert out["device_batch_size"] == rows and out["plan"]["grad_accum_steps"] == 1
+    assert f"--device-batch-size=auto: {rows} " in capsys.readouterr().out
+    assert [_batch_shape(a) for _, a in compiled] == [(1, rows * jax.device_count(), 64)]
+
+
+def test_sft_compile_for_without_a_checkpoint_compiles_the_inherited_step(cpu_compile_for, capsys):
+    from train import sft
+
+    _, compiled = cpu_compile_for
+    argv = ["--depth=2", "--max-seq-len=64", "--total-batch-size=16384", "--compile-for=cpu"]
+    out = sft.main(argv)
+    assert out["program"] == "SFT step" and out["model_config"] == depth_config(2).to_dict()
+    assert out["device_batch_size"] == gc.SPEEDRUN_DEVICE_BATCH  # nanochat's speedrun stands in for the checkpoint
+    args = sft.parse_args(argv + [f"--device-batch-size={gc.SPEEDRUN_DEVICE_BATCH}"])
+    sft.inherit(args, {})
+    step = sft.build(args, depth_config(2), shd.make_mesh(1), gc.SPEEDRUN_DEVICE_BATCH)
+    (jitted, abstract_args), = compiled
+    assert jitted is step.fn
+    rows = gc.SPEEDRUN_DEVICE_BATCH * jax.device_count()
+    assert _batch_shape(abstract_args) == _batch_shape(step.abstract_args) == (16384 // (rows * 64), rows, 64)
+    with pytest.raises(gc.UserError, match="--total-batch-size=1000 is not a multiple"):
+        sft.main(argv[:-2] + ["--total-batch-size=1000", "--device-batch-size=1", "--compile-for=cpu"])
+    assert len(compiled) == 1  # bad flags fail before compiling
+
+
+def test_rl_compile_for_that_does_not_fit_exits_with_a_suggestion(cpu_compile_for, capsys):
+    from train import rl
+
+    memory, compiled = cpu_compile_for
+    memory["bytes"] = 2 ** 20
+    argv = ["--depth=2", "--device-batch-size=2", "--num-samples=4", "--examples-per-step=8", "--compile-for=cpu"]
+    with pytest.raises(gc.UserError, match=r"at --device-batch-size=2 the step needs .* GiB per GPU"):
+        rl.main(argv)
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["program"] == "RL step" and not report["fits"]
+    step = rl.build(rl.parse_args(argv), depth_config(2), shd.make_mesh(1))
+    (jitted, abstract_args), = compiled
+    assert jitted is step.fn and "weights" in abstract_args[2]
+    # 8 questions x 4 samples over rows of 2 per device: ceil(32 / (2 x devices)) micro-batches
+    assert _batch_shape(abstract_args) == (-(-32 // (2 * jax.device_count())), 2 * jax.device_count(), 2048)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -211,15 +328,6 @@ def test_fp8_step_matches_the_bf16_step_within_fp8_rounding(monkeypatch):
             got, want = g_fp8["h"][i][part][name], g_bf16["h"][i][part][name]
             assert got.dtype == jnp.float32 and _rel(got, want) <= 0.25, (i, name, _rel(got, want))
     assert _rel(g_fp8["wte"], g_bf16["wte"]) <= 0.25
-
-
-def test_fp8_quantisation_is_tensorwise_and_saturating():
-    x = jnp.array([[0.5, -2.0], [1.0, 0.0]], jnp.float32)
-    q, scale = gpt._to_fp8(x, jnp.float8_e4m3fn)
-    assert q.dtype == jnp.float8_e4m3fn and float(scale) == pytest.approx(2.0 / 448.0)
-    assert float(q.astype(jnp.float32)[0, 1]) == -448.0  # the amax maps to the format's max
-    np.testing.assert_allclose(np.asarray(q.astype(jnp.float32)) * float(scale), np.asarray(x), rtol=2 ** -4)
-    assert gpt.fp8_eligible((256, 128)) and not gpt.fp8_eligible((2, 12)) and not gpt.fp8_eligible((96, 72))
 
 
 @pytest.mark.parametrize("remat", ["dots", "block"])

@@ -11,7 +11,9 @@ import itertools
 import json
 import pickle
 import sys
+import time
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -331,6 +333,126 @@ def test_loads_pickled_tiktoken_encoding(tok, tmp_path):
     with pytest.raises(ValueError, match="expected a dict"):
         Tokenizer.from_directory(str(tmp_path))
 
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_real_nanochat_tokenizer_file_loads_with_nanochat_encodings():
+    """tokenizer.pkl written by nanochat's own RustBPETokenizer.save (5019acc and 92d63d4 write the same bytes):
+    it loads through the restricted unpickler and encodes and renders exactly as nanochat did."""
+    ref = json.loads((FIXTURES / "nanochat-tokenizer" / "encodings.json").read_text(encoding="utf-8"))
+    loaded = Tokenizer.from_directory(str(FIXTURES / "nanochat-tokenizer"))
+    assert loaded.get_vocab_size() == ref["vocab_size"] == 512
+    for text, ids, bos_ids in zip(ref["samples"], ref["encodings"], ref["bos_encodings"]):
+        assert loaded.encode(text) == ids
+        assert loaded.encode(text, prepend="<|bos|>") == bos_ids
+    assert loaded.render_conversation(ref["conversation"]) == (ref["render_ids"], ref["render_mask"])
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_tokenizer_pickled_at_any_protocol_loads_identically(tok, tmp_path, protocol):
+    """A pickled tiktoken Encoding (nanochat) and our plain dict, at every pickle protocol: at 0-2 these name
+    copyreg._reconstructor, builtins.object and _codecs.encode, which the restricted unpickler admits."""
+    pieces = {"name": "rustbpe", "pat_str": tok.enc._pat_str, "mergeable_ranks": dict(tok.enc._mergeable_ranks),
+              "special_tokens": dict(tok.enc._special_tokens)}
+    for obj in (tok.enc, pieces):
+        (tmp_path / "tokenizer.pkl").write_bytes(pickle.dumps(obj, protocol=protocol))
+        loaded = Tokenizer.from_directory(str(tmp_path))
+        assert loaded.fingerprint() == tok.fingerprint()
+        for text in UNICODE_SAMPLES:
+            assert loaded.encode(text, prepend="<|bos|>") == tok.encode(text, prepend="<|bos|>")
+
+
+def _global_call(module: str, name: str, arg) -> bytes:
+    """A protocol-4 pickle that calls module.name(arg) (a dotted name is looked up attribute by attribute)."""
+    def text(s: str) -> bytes:
+        b = s.encode()
+        return b"\x8c" + bytes([len(b)]) + b
+    return b"\x80\x04" + text(module) + text(name) + b"\x93" + pickle.dumps(arg, protocol=4)[2:-1] + b"\x85R."
+
+
+class _Reduce:
+    """Pickles as fn(*args): the classic code-running payload."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+def _pickled_encoding(tok, state, protocol: int = 4) -> bytes:
+    """Pickle a tiktoken Encoding exactly as nanochat's file does (global tiktoken.core.Encoding, NEWOBJ, BUILD;
+    copyreg._reconstructor at protocols 0-1), but with any state in place of the real one."""
+    import copyreg
+    import io
+
+    import tiktoken
+
+    buf = io.BytesIO()
+    pickler = pickle.Pickler(buf, protocol=protocol)
+    if protocol >= 2:
+        reduced = (copyreg.__newobj__, (tiktoken.Encoding,), state)
+    else:  # what object.__reduce_ex__ gives at protocols 0-1
+        reduced = (copyreg._reconstructor, (tiktoken.Encoding, object, None), state)
+    pickler.dispatch_table = {tiktoken.Encoding: lambda enc: reduced}
+    pickler.dump(tok.enc)
+    return buf.getvalue()
+
+def test_tokenizer_that_would_run_code_is_refused_and_never_runs(tok, tmp_path, monkeypatch):
+    """A planted tokenizer.pkl that runs code when unpickled (each payload is first shown to create the marker
+    under plain pickle.loads) is refused with a one-line UserError naming the file and the global; no code runs."""
+    import builtins
+    import os
+    import subprocess
+
+    from jaxchat.common import UserError
+
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "pwned"
+    touch = f"open({str(marker)!r}, 'w').close()"
+    good = {"name": "rustbpe", "pat_str": tok.enc._pat_str, "mergeable_ranks": dict(tok.enc._mergeable_ranks),
+            "special_tokens": dict(tok.enc._special_tokens)}
+    payloads = {
+        "posix.system": pickle.dumps(_Reduce(os.system, f"touch {marker}")),  # os.system's real home
+        "builtins.eval": pickle.dumps(_Reduce(builtins.eval, touch)),
+        "subprocess.Popen": pickle.dumps(_Reduce(subprocess.Popen, ["touch", str(marker)])),
+        # a tiktoken-looking global that is not the Encoding class (tiktoken.load imports os)
+        "tiktoken.load.os.system": _global_call("tiktoken.load", "os.system", f"touch {marker}"),
+        # the payload nested inside an otherwise valid nanochat Encoding, at protocols 2 and 0
+        "__builtin__.exec": _pickled_encoding(tok, dict(good, name=_Reduce(builtins.exec, touch)), protocol=2),
+        "os.popen": _pickled_encoding(tok, dict(good, pat_str=_Reduce(os.popen, f"touch {marker}")), protocol=0),
+    }
+    path = tmp_path / "tokenizer.pkl"
+    for refused, payload in payloads.items():
+        try:  # proof that the payload is live: plain pickle runs it ...
+            pickle.loads(payload)
+        except Exception:  # (the nested ones break tiktoken, after their code ran)
+            pass
+        for _ in range(100):  # (Popen and popen run touch in the background)
+            if marker.exists():
+                break
+            time.sleep(0.02)
+        assert marker.exists(), refused
+        marker.unlink()
+        path.write_bytes(payload)
+        with pytest.raises(UserError) as e:  # ... the tokenizer loader does not
+            Tokenizer.from_directory(str(tmp_path))
+        message = str(e.value)
+        assert "\n" not in message and str(path) in message and f"refused to load: it names the global {refused}," \
+            in message, message
+        time.sleep(0.1)
+        assert not marker.exists(), refused
+
+
+def test_tokenizer_naming_a_registered_encoding_is_refused(tok, tmp_path):
+    """tiktoken pickles its registered encodings by name; unpickling one would fetch it over the network."""
+    from jaxchat.common import UserError
+
+    (tmp_path / "tokenizer.pkl").write_bytes(_pickled_encoding(tok, "gpt2"))
+    with pytest.raises(UserError, match=r"tokenizer\.pkl: expected a dict .* got str"):
+        Tokenizer.from_directory(str(tmp_path))
 
 def test_missing_or_corrupt_tokenizer_is_a_user_error(tmp_path, monkeypatch):
     """A user error (one line from `run_cli`) naming the path and the command; still the builtin types."""

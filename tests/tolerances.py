@@ -60,6 +60,14 @@ def assert_close(actual, desired, dtype, n: int, scale: float | None = None, err
     return atol
 
 
+def rounded_product_rel_tol(*operand_dtypes) -> float:
+    """Relative (Frobenius-norm) error of a matrix product whose operands were each rounded once to these dtypes
+    (e.g. quantised to float8), against the product of the unrounded operands: the sum of their unit roundoffs
+    eps/2, the first-order bound on each product term's relative error. Independent rounding errors leave the
+    observed error near sqrt(sum of u^2 / 3), 2-3x below; a wrong scale or operand is off by O(1)."""
+    return sum(eps(d) / 2 for d in operand_dtypes)
+
+
 def sample_std_tol(sigma: float, n_samples: int, k: float = 6.0) -> float:
     """Tolerance on the standard deviation of `n_samples` i.i.d. draws of std `sigma` (a statistical, not a
     rounding, tolerance): k standard errors, sigma / sqrt(2 n) each for a normal (a uniform's is smaller)."""

@@ -32,21 +32,12 @@ import os
 import jax
 import numpy as np
 
+from jaxchat import gpu_compile
 from jaxchat import model as gpt
 from jaxchat import schedules as sched
 from jaxchat import trainer as T
 from jaxchat.plan import DEFAULT_VOCAB, make_plan, plan_table  # noqa: F401  (train.bench reads them here)
 from jaxchat.common import UserError, compute_dtype, device_kind, get_base_dir, maybe_init_distributed, print0
-
-
-
-def _batch_size(value: str):
-    if value == "auto":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-flops", type=float, default=-1.0, help="calculate num_iterations to reach target_flops (-1 = disable)")
     p.add_argument("--target-param-data-ratio", type=float, default=12, help="calculate num_iterations to maintain data:param ratio (Chinchilla=20, -1 = disable)")
     # Optimization
-    p.add_argument("--device-batch-size", type=_batch_size, default=32, help="per-device batch size (rows), or 'auto' (the largest that compiles within device memory)")
+    p.add_argument("--device-batch-size", type=gpu_compile.int_or_auto, default=32, help="per-device batch size (rows), or 'auto' (the largest that compiles within device memory)")
     p.add_argument("--total-batch-size", type=int, default=-1, help="total batch size in tokens (-1 = auto-compute optimal)")
     p.add_argument("--embedding-lr", type=float, default=0.3, help="learning rate for embedding parameters (AdamW)")
     p.add_argument("--unembedding-lr", type=float, default=0.008, help="learning rate for unembedding parameters (AdamW)")
@@ -85,9 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     # jaxchat additions
     p.add_argument("--dry-run", action="store_true", help="print the training plan (a table, then one JSON line) and exit")
     p.add_argument("--data", choices=("shards", "synthetic"), default="shards", help="training data: parquet shards of $JAXCHAT_BASE_DIR/base_data, or synthetic token progressions (tests, benchmarks)")
-    p.add_argument("--compile-for", type=str, default=None, help="TARGET:HxG, e.g. h100:1x8: compile the step for those (described) devices, print its report, exit")
-    p.add_argument("--hlo-out", type=str, default=None, help="with --compile-for: write the optimized HLO to this file")
     T.add_train_flags(p)
+    gpu_compile.add_flags(p)  # --compile-for, --hlo-out, --fp8, --remat
     return p
 
 
@@ -96,8 +86,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ("depth", "aspect_ratio", "head_dim", "max_seq_len", "fsdp"):
         if getattr(args, flag) <= 0:
             raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if args.device_batch_size != "auto" and args.device_batch_size <= 0:
-        raise UserError(f"--device-batch-size must be positive or 'auto', got {args.device_batch_size}")
     if args.vocab_size is not None and args.vocab_size <= 0:
         raise UserError(f"--vocab-size must be positive, got {args.vocab_size}")
     return args
@@ -125,47 +113,52 @@ def _grad_accum(args, device_batch_size: int, n_devices: int, total_batch_size: 
     return max(1, total_batch_size // (device_batch_size * args.max_seq_len * n_devices))
 
 
-def build(args, plan: dict, mesh, device_batch_size: int):
-    """`jaxchat.trainer.build_step` for these flags and plan on `mesh` (what --compile-for lowers)."""
+def build(args, plan: dict, mesh, device_batch_size: int) -> T.Step:
+    """The pretraining step (`jaxchat.trainer.build_step`) for these flags and plan on `mesh`: the real devices,
+    or with --compile-for the described ones (`jaxchat.gpu_compile.mesh_for`)."""
     config = gpt.GPTConfig.from_dict(plan["model_config"])
     return T.build_step(config, mesh, device_batch_size=device_batch_size, seq_len=args.max_seq_len,
                         grad_accum=_grad_accum(args, device_batch_size, mesh.size, plan["total_batch_size"]),
                         lrs=plan["learning_rates"], weight_decay=plan["weight_decay"], muon_dtype=args.muon_dtype,
-                        loss_fn=T.step_loss_fn(args), muon_eq=args.muon_eq, muon_plus=args.muon_plus)
+                        loss_fn=T.step_loss_fn(args.fp8, args.remat), muon_eq=args.muon_eq, muon_plus=args.muon_plus)
 
 
-def _auto_batch(args, vocab_size: int, mesh, target=None) -> int:
-    from jaxchat.gpu_compile import auto_device_batch_size  # jaxchat's GPU helper picks it by compiling
-
-    def build_for(b: int):
-        args_b = argparse.Namespace(**{**vars(args), "device_batch_size": b})
-        step = build(args_b, make_plan(args_b, vocab_size, mesh.size, strict=False), mesh, b)
-        return step.fn, step.abstract_args
-
-    return int(auto_device_batch_size(build_for, target))
+def _plan(args, vocab_size: int, num_devices: int, device_batch_size: int, strict: bool = True) -> dict:
+    """make_plan at this device batch size (the flags' bad combinations as UserError)."""
+    try:
+        return make_plan(argparse.Namespace(**{**vars(args), "device_batch_size": device_batch_size}), vocab_size,
+                         num_devices, strict=strict)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
-def compile_for(args, vocab_size: int) -> dict:
-    """--compile-for TARGET:HxG: lower and compile the step for the described devices; the report dict is printed
-    as the last stdout line (jaxchat.gpu_compile)."""
-    from jaxchat import gpu_compile
+def step_builder(args, vocab_size: int, mesh):
+    """device_batch_size -> the step `build` makes at it (what --device-batch-size=auto tries)."""
+    return lambda b: build(args, _plan(args, vocab_size, mesh.size, b, strict=False), mesh, b)
 
-    target = gpu_compile.parse_target(args.compile_for)
-    n = target.num_devices
-    if n % args.fsdp:
-        raise UserError(f"--fsdp={args.fsdp} must divide the {n} devices of --compile-for={args.compile_for}")
-    mesh = gpu_compile.topology_mesh(target, (n // args.fsdp, args.fsdp))
-    if args.device_batch_size == "auto":
-        args.device_batch_size = _auto_batch(args, vocab_size, mesh, target)
-    plan = make_plan(args, vocab_size, n)
-    step = build(args, plan, mesh, args.device_batch_size)
-    report = gpu_compile.compile_report(step.fn, step.abstract_args, target, args.device_batch_size,
-                                        hlo_out=args.hlo_out, label="pretraining step")
+
+def largest_device_batch(args, vocab_size: int, num_devices: int) -> int:
+    """The largest device batch --device-batch-size=auto may pick: one micro-batch holds the whole total batch."""
+    total = _plan(args, vocab_size, num_devices, 1, strict=False)["total_batch_size"]
+    return max(1, total // (args.max_seq_len * num_devices))
+
+
+def compile_for(args, mesh, target, vocab_size: int) -> dict:
+    """--compile-for TARGET:HxG: compile the step `build` makes on the described devices (the largest device batch
+    that fits for 'auto'); print the plan table with the memory per GPU, then one JSON line. Runs nothing.
+
+    Raises:
+        UserError: bad flags; the step does not fit (exit 2, saying what would).
+    """
+    if args.device_batch_size != "auto":
+        _plan(args, vocab_size, mesh.size, args.device_batch_size)  # bad flags fail before the compile
+    b, report = gpu_compile.choose_and_compile(step_builder(args, vocab_size, mesh), target, args.device_batch_size,
+                                               args.hlo_out, label="pretraining step",
+                                               largest=largest_device_batch(args, vocab_size, mesh.size))
+    args.device_batch_size = b
+    plan = _plan(args, vocab_size, mesh.size, b)
     print(plan_table(plan), flush=True)
-    print(gpu_compile.plan_table([("fp8", args.fp8), ("remat", args.remat)], report), flush=True)
-    print(json.dumps({**report, "plan": plan}), flush=True)
-    gpu_compile.check_fits(report, f"--compile-for={target}: ")  # exits 2 under run_cli, saying what would fit
-    return report
+    return gpu_compile.print_report(report, [("fp8", args.fp8), ("remat", args.remat)], plan=plan)
 
 
 def main(argv=None) -> dict:
@@ -176,9 +169,7 @@ def main(argv=None) -> dict:
         UserError: bad flags, no tokenizer or shards, a resume step that does not exist, an existing tag.
     """
     args = parse_args(argv)
-    if args.compile_for:  # with or without --dry-run: the plan table with the memory per GPU
-        return compile_for(args, args.vocab_size or DEFAULT_VOCAB)
-    if args.dry_run:
+    if args.dry_run and not args.compile_for:
         if args.device_batch_size == "auto":
             args.device_batch_size = 32  # the plan shows the default; the real run picks by compiling
         plan = make_plan(args, _vocab_for_dry_run(args), jax.device_count(), strict=False)
@@ -190,10 +181,13 @@ def main(argv=None) -> dict:
     from jaxchat.loss_eval import evaluate_bpb
     from jaxchat.multihost import global_batch, local_params
 
-    maybe_init_distributed()
+    if not args.compile_for:
+        maybe_init_distributed()
+    mesh, target = gpu_compile.mesh_for(args.compile_for, args.fsdp)
+    if target:  # with or without --dry-run: the plan table with the memory per GPU; no data is read
+        return compile_for(args, mesh, target, args.vocab_size or DEFAULT_VOCAB)
     pi, pc = jax.process_index(), jax.process_count()
     n_devices, kind = jax.device_count(), device_kind()
-    mesh = shd.make_mesh(args.fsdp)
     from jaxchat import backend
     backend.activate(mesh)
     print0(f"Devices: {n_devices} x {kind} ({pc} process(es)) | compute dtype: {compute_dtype().name}")
@@ -211,12 +205,10 @@ def main(argv=None) -> dict:
     else:
         vocab_size = args.vocab_size or DEFAULT_VOCAB
         token_bytes = np.ones(vocab_size, np.int32)  # synthetic tokens: one "byte" each
-    if args.device_batch_size == "auto":
-        args.device_batch_size = _auto_batch(args, vocab_size, mesh)
-    try:
-        plan = make_plan(args, vocab_size, n_devices)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    if args.device_batch_size == "auto":  # the largest power of two whose step compiles within GPU memory
+        args.device_batch_size = gpu_compile.auto_device_batch_size(
+            step_builder(args, vocab_size, mesh), largest=largest_device_batch(args, vocab_size, n_devices))
+    plan = _plan(args, vocab_size, n_devices, args.device_batch_size)
     config = gpt.GPTConfig.from_dict(plan["model_config"])
     N, B, accum = plan["num_iterations"], plan["total_batch_size"], plan["grad_accum_steps"]
     print0(f"Vocab size: {vocab_size:,} | recipe: {plan['recipe']}\nModel config: {json.dumps(config.to_dict())}")

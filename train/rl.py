@@ -33,7 +33,6 @@ from jaxchat.common import UserError, maybe_init_distributed, print0
 from jaxchat.engine import Engine
 from jaxchat.multihost import allgather, local_params
 from jaxchat.policy_gradient import compute_advantages, pass_at_k, pg_row_weights, rollout_batch, seq_bucket
-from jaxchat.sharding import make_mesh
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Reinforcement learning on GSM8K (nanochat chat_rl)")
@@ -55,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-examples", type=int, default=400, help="test questions for pass@k")
     # jaxchat
     T.add_train_flags(p, save_every=60)
-    gpu_compile.add_flags(p, device_batch_auto=False, depth=True)  # --compile-for, --hlo-out, --depth
+    gpu_compile.add_flags(p, depth=True)  # --compile-for, --hlo-out, --fp8, --remat, --depth
     p.add_argument("--task-file", type=str, default=None,
                    help="local GSM8K-schema file (.jsonl/.json/.parquet rows {question, answer}) for training")
     p.add_argument("--val-task-file", type=str, default=None,
@@ -84,30 +83,59 @@ def load_tasks(args):
     return train, val
 
 
+def micro_batching(args, mesh) -> tuple[int, int, int]:
+    """(questions per process, rows of one micro-batch per process, micro-batches per step) on `mesh`: each
+    process rolls out examples_per_step / processes questions x num_samples sequences."""
+    processes = len({d.process_index for d in mesh.devices.flat})
+    if args.examples_per_step % processes:
+        raise UserError(f"--examples-per-step={args.examples_per_step} must be divisible by {processes} processes")
+    per_rank = args.examples_per_step // processes
+    local_rows = args.device_batch_size * (mesh.size // processes)
+    return per_rank, local_rows, -(-per_rank * args.num_samples // local_rows)
+
+
+def build(args, config, mesh) -> T.Step:
+    """The RL step (`jaxchat.trainer.build_step`, weighted: the policy gradient as a weighted NLL) for these flags
+    on `mesh`: the real devices, or with --compile-for the described ones."""
+    lrs = {"unembedding_lr": args.unembedding_lr, "embedding_lr": args.embedding_lr, "matrix_lr": args.matrix_lr}
+    return T.build_step(config, mesh, device_batch_size=args.device_batch_size, seq_len=config.sequence_len,
+                        grad_accum=micro_batching(args, mesh)[2], lrs=lrs, weight_decay=args.weight_decay,
+                        muon_dtype=args.muon_dtype, loss_fn=T.step_loss_fn(args.fp8, args.remat), weighted=True,
+                        muon_eq=args.muon_eq, muon_plus=args.muon_plus)
+
+
+def compile_for(args, config, mesh, target, origin: str) -> dict:
+    """--compile-for: compile the step `build` makes on the described devices; print a table with the memory per
+    GPU, then one JSON line. Runs nothing, loads no weights."""
+    step = build(args, config, mesh)
+    report = gpu_compile.compile_report(step.fn, step.abstract_args, target, args.device_batch_size, args.hlo_out,
+                                        label="RL step")
+    rows = [("program", "RL step"), ("model", f"d{config.n_layer} n_embd {config.n_embd} seq {config.sequence_len} "
+                                              f"({origin})"), ("grad accumulation", micro_batching(args, mesh)[2]),
+            ("fp8", args.fp8), ("remat", args.remat)]
+    return gpu_compile.print_report(report, rows, program="RL step", model_config=config.to_dict())
+
+
 def main(argv=None) -> dict:
     """Run RL; returns the trainer's summary plus 'steps', 'rewards' and 'losses' (lists by step), 'passk'."""
     args = parse_args(argv)
-    if args.compile_for:  # compile the RL step for described GPUs (jaxchat.gpu_compile); nothing runs
-        return gpu_compile.sft_compile_for(args, rl=True)
-    maybe_init_distributed()
+    if args.compile_for:  # the SFT model's config only (no weights), else nanochat's d{--depth}
+        config, meta, origin = gpu_compile.config_from_checkpoint("sft", args.model_tag, args.depth, args.model_step)
+    else:
+        maybe_init_distributed()
+        params, config, tokenizer, meta = load_model_from("sft", args.model_tag, args.model_step)
+    mesh, target = gpu_compile.mesh_for(args.compile_for, args.fsdp)
+    if target:  # compile the RL step for the described GPUs and report; nothing runs
+        return compile_for(args, config, mesh, target, origin)
     rank, world = jax.process_index(), jax.process_count()
-    params, config, tokenizer, meta = load_model_from("sft", args.model_tag, args.model_step)
     train_task, val_task = load_tasks(args)
-    if args.examples_per_step % world:
-        raise UserError(f"--examples-per-step={args.examples_per_step} must be divisible by {world} processes")
-    per_rank = args.examples_per_step // world
+    per_rank, local_rows, accum = micro_batching(args, mesh)
     num_steps = (len(train_task) // args.examples_per_step) * args.num_epochs
     if num_steps < 1:
         raise UserError(f"{len(train_task)} training questions make no step of {args.examples_per_step} examples")
     print0(f"Calculated number of steps: {num_steps} | sequences per step: {args.examples_per_step * args.num_samples}")
 
-    mesh = make_mesh(args.fsdp)
-    local_rows = args.device_batch_size * jax.local_device_count()  # rows of one micro-batch on this process
-    accum = -(-per_rank * args.num_samples // local_rows)
-    lrs = {"unembedding_lr": args.unembedding_lr, "embedding_lr": args.embedding_lr, "matrix_lr": args.matrix_lr}
-    step = T.build_step(config, mesh, device_batch_size=args.device_batch_size, seq_len=config.sequence_len,
-                        grad_accum=accum, lrs=lrs, weight_decay=args.weight_decay, muon_dtype=args.muon_dtype,
-                        loss_fn=T.step_loss_fn(args), weighted=True, muon_eq=args.muon_eq, muon_plus=args.muon_plus)
+    step = build(args, config, mesh)
 
     def init():
         sharded = jax.device_put(params, step.param_sh)

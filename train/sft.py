@@ -38,10 +38,10 @@ from jaxchat import trainer as T
 from jaxchat.checkpoint import checkpoint_dir, load_model_from, restore_checkpoint
 from jaxchat.common import UserError, maybe_init_distributed, print0
 from jaxchat.multihost import global_batch
-from jaxchat.chat_tasks import TASK_NAMES, build_train_tasks, build_val_tasks, run_chatcore
 from jaxchat.sft_data import SFTLoader
-from jaxchat.sharding import abstract_with_shardings, batch_sharding, make_mesh
+from jaxchat.sharding import abstract_with_shardings, batch_sharding
 from jaxchat.loss_eval import evaluate_bpb
+from train.chat_tasks import TASK_NAMES, build_train_tasks, build_val_tasks, run_chatcore
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Supervised fine-tuning (SFT) of a base model (nanochat chat_sft)")
@@ -53,7 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-iterations", type=int, default=-1, help="optimization steps (-1 = one full epoch)")
     # batch sizes (None = inherit from the base checkpoint)
     p.add_argument("--max-seq-len", type=int, default=None, help="tokens per row (default: inherit)")
-    p.add_argument("--device-batch-size", type=int, default=None, help="rows per device (default: inherit)")
+    p.add_argument("--device-batch-size", type=gpu_compile.int_or_auto, default=None,
+                   help="rows per device (default: inherit), or 'auto' (the largest that compiles within GPU memory)")
     p.add_argument("--total-batch-size", type=int, default=None, help="tokens per step (default: inherit)")
     # optimization (None = inherit)
     p.add_argument("--embedding-lr", type=float, default=None, help="AdamW lr of the embeddings (default: inherit)")
@@ -81,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--spelling-bee-size", type=int, default=80_000, help="SpellingBee rows in the mixture")
     # jaxchat
     T.add_train_flags(p)
-    gpu_compile.add_flags(p, depth=True)  # --compile-for, --hlo-out, --depth, --device-batch-size=auto
+    gpu_compile.add_flags(p, depth=True)  # --compile-for, --hlo-out, --fp8, --remat, --depth
     p.add_argument("--output-tag", type=str, default=None, help="checkpoint tag to write (default: --model-tag or d<depth>)")
     args = p.parse_args(argv)
     names = [n.strip().lower() for n in args.mixture.split(",") if n.strip()]
@@ -96,7 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 # Helpers
 
 
-def inherit(args, meta: dict) -> None:
+def inherit(args, meta: dict, origin: str = "the base checkpoint") -> None:
     """Fill None flags from the base checkpoint's metadata (nanochat: None = inherit, a value = override)."""
     user_config = meta.get("user_config", {}) or {}
     for name, fallback, source in [("max_seq_len", 2048, meta), ("device_batch_size", 32, meta),
@@ -106,9 +107,53 @@ def inherit(args, meta: dict) -> None:
         if value is None:
             value = pretrain_value if pretrain_value is not None else fallback
             setattr(args, name, value)
-            print0(f"Inherited {name}={value} from the base checkpoint")
+            print0(f"Inherited {name}={value} from {origin}" if pretrain_value is not None else
+                   f"{name}={value} (default: {origin} does not say)")
         elif pretrain_value is not None and value != pretrain_value:
             print0(f"NOTE: --{name.replace('_', '-')}={value} overrides the base value {pretrain_value}")
+
+
+def grad_accum(args, device_batch_size: int, num_devices: int, strict: bool = True) -> int:
+    """Micro-batches per step: --total-batch-size / (device batch x --max-seq-len x devices).
+
+    Raises:
+        UserError: (strict) the total batch is not a multiple of one micro-batch.
+    """
+    tokens_per_fwdbwd = device_batch_size * args.max_seq_len * num_devices
+    if strict and args.total_batch_size % tokens_per_fwdbwd:
+        raise UserError(f"--total-batch-size={args.total_batch_size} is not a multiple of device_batch_size x "
+                        f"max_seq_len x devices = {device_batch_size} x {args.max_seq_len} x {num_devices}")
+    return max(1, args.total_batch_size // tokens_per_fwdbwd)
+
+
+def largest_device_batch(args, num_devices: int) -> int:
+    """The largest device batch --device-batch-size=auto may pick: one micro-batch holds the whole total batch."""
+    return max(1, args.total_batch_size // (args.max_seq_len * num_devices))
+
+
+def build(args, config, mesh, device_batch_size: int) -> T.Step:
+    """The SFT step (`jaxchat.trainer.build_step`: the pretraining step with SFT's learning rates and no weight
+    decay) for these (inherited) flags on `mesh`: the real devices, or with --compile-for the described ones."""
+    lrs = {"unembedding_lr": args.unembedding_lr, "embedding_lr": args.embedding_lr, "matrix_lr": args.matrix_lr}
+    return T.build_step(config, mesh, device_batch_size=device_batch_size, seq_len=args.max_seq_len,
+                        grad_accum=grad_accum(args, device_batch_size, mesh.size, strict=False), lrs=lrs,
+                        muon_dtype=args.muon_dtype, loss_fn=T.step_loss_fn(args.fp8, args.remat),
+                        muon_eq=args.muon_eq, muon_plus=args.muon_plus)
+
+
+def compile_for(args, config, mesh, target, origin: str) -> dict:
+    """--compile-for: compile the step `build` makes on the described devices (the largest device batch that fits
+    for 'auto'); print a table with the memory per GPU, then one JSON line. Runs nothing, loads no weights."""
+    if args.device_batch_size != "auto":
+        grad_accum(args, args.device_batch_size, mesh.size)  # bad flags fail before the compile
+    b, report = gpu_compile.choose_and_compile(lambda b: build(args, config, mesh, b), target,
+                                               args.device_batch_size, args.hlo_out, label="SFT step",
+                                               largest=largest_device_batch(args, mesh.size))
+    rows = [("program", "SFT step"), ("model", f"d{config.n_layer} n_embd {config.n_embd} seq {config.sequence_len} "
+                                               f"({origin})"), ("max seq len", args.max_seq_len),
+            ("grad accumulation", f"{grad_accum(args, b, mesh.size)} micro-batches of the "
+                                  f"{args.total_batch_size:,}-token batch"), ("fp8", args.fp8), ("remat", args.remat)]
+    return gpu_compile.print_report(report, rows, program="SFT step", model_config=config.to_dict())
 
 
 def data_ranks(mesh) -> tuple[list[int], int]:
@@ -125,37 +170,34 @@ def data_ranks(mesh) -> tuple[list[int], int]:
 def main(argv=None) -> dict:
     """Run SFT; returns the trainer's summary plus 'step', 'val_bpb_history' [(step, bpb)], 'cropped'."""
     args = parse_args(argv)
-    if args.compile_for:  # compile the SFT step for described GPUs (jaxchat.gpu_compile); nothing runs
-        return gpu_compile.sft_compile_for(args)
     user_config = {k: v for k, v in vars(args).items() if k != "mixture_names"}
-    maybe_init_distributed()
-    params, config, tokenizer, meta = load_model_from("base", args.model_tag, args.model_step)
-    base_step = int(meta.get("step", args.model_step or 0))
-    inherit(args, meta)
+    if args.compile_for:  # the base model's config only (no weights), else nanochat's d{--depth} as its speedrun
+        config, meta, origin = gpu_compile.config_from_checkpoint("base", args.model_tag, args.depth, args.model_step)
+        inherit(args, meta or {"device_batch_size": gpu_compile.SPEEDRUN_DEVICE_BATCH}, origin)
+    else:
+        maybe_init_distributed()
+        params, config, tokenizer, meta = load_model_from("base", args.model_tag, args.model_step)
+        inherit(args, meta)
     if args.max_seq_len > config.sequence_len:
         raise UserError(f"--max-seq-len={args.max_seq_len} exceeds the model's sequence_len {config.sequence_len}")
+    mesh, target = gpu_compile.mesh_for(args.compile_for, args.fsdp)
+    if target:  # compile the SFT step for the described GPUs and report; nothing runs
+        return compile_for(args, config, mesh, target, origin)
+    base_step = int(meta.get("step", args.model_step or 0))
     from evals.tasks.common import TaskMixture
 
     train_dataset, val_dataset = TaskMixture(build_train_tasks(args)), TaskMixture(build_val_tasks(args))
     print0(f"Training mixture: {len(train_dataset):,} conversations ({','.join(args.mixture_names)}); "
            f"validation: {len(val_dataset):,}")
 
-    mesh = make_mesh(args.fsdp)
     if args.device_batch_size == "auto":  # the largest power of two whose step compiles within GPU memory
-        args.device_batch_size = gpu_compile.auto_device_batch_size(lambda b: gpu_compile.build_pretrain_step(
-            type(config).from_dict({**config.to_dict(), "sequence_len": args.max_seq_len}), mesh, b, fp8=args.fp8,
-            remat=args.remat, muon_dtype=args.muon_dtype))
+        args.device_batch_size = gpu_compile.auto_device_batch_size(
+            lambda b: build(args, config, mesh, b), largest=largest_device_batch(args, mesh.size))
     tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len * mesh.size
-    if args.total_batch_size % tokens_per_fwdbwd:
-        raise UserError(f"--total-batch-size={args.total_batch_size} is not a multiple of device_batch_size x "
-                        f"max_seq_len x devices = {args.device_batch_size} x {args.max_seq_len} x {mesh.size}")
-    accum = args.total_batch_size // tokens_per_fwdbwd
+    accum = grad_accum(args, args.device_batch_size, mesh.size)
     print0(f"Tokens / micro-batch: {tokens_per_fwdbwd:,} | total batch {args.total_batch_size:,} => "
            f"gradient accumulation steps: {accum}")
-    lrs = {"unembedding_lr": args.unembedding_lr, "embedding_lr": args.embedding_lr, "matrix_lr": args.matrix_lr}
-    step = T.build_step(config, mesh, device_batch_size=args.device_batch_size, seq_len=args.max_seq_len,
-                        grad_accum=accum, lrs=lrs, muon_dtype=args.muon_dtype, loss_fn=T.step_loss_fn(args),
-                        muon_eq=args.muon_eq, muon_plus=args.muon_plus)
+    step = build(args, config, mesh, args.device_batch_size)
 
     def init():
         sharded = jax.device_put(params, step.param_sh)

@@ -1,5 +1,6 @@
 """SFT's task mixtures (nanochat scripts/chat_sft.py) and the ChatCORE metric over `evals.chat_eval`, for
-`train.sft`: which tasks, how many epochs of each, where to get their data when it is missing."""
+`train.sft`: which tasks, how many epochs of each, where to get their data when it is missing. It sits in train/,
+beside its one user, because it builds on evals/ (the tasks, chat_eval): the library (jaxchat/) imports no evals/."""
 
 from __future__ import annotations
 

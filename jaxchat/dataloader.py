@@ -11,8 +11,8 @@ Same packing rule as nanochat's `tokenizing_distributed_data_loader_with_state_b
   - so every row starts with BOS, there is no padding, and a document never spans two rows.
 `inputs = rows[:, :-1]`, `targets = rows[:, 1:]`.
 
-Memory is bounded by the batch, not by document size (one 50 MB document once took 18.8 GB). Packing takes at most
-T+1 tokens of any document (a row holds T+1, BOS first), so:
+Memory is bounded by the batch, not by document size. Packing takes at most T+1 tokens of any document (a row holds
+T+1, BOS first), so:
   - a document is cut before tokenization to at most C = 2 (T+2) L characters (`max_doc_chars`; L is the longest
     token in bytes), at a word boundary (a space after a non-space, before a letter) at or past C/2 when there is
     one, which is a boundary of the tokenizer's pre-tokenization split, so the tokens before it are exactly those
@@ -22,7 +22,7 @@ T+1 tokens of any document (a row holds T+1, BOS first), so:
     never fits a row whole; what can differ is only which of two over-long documents is cropped first (the shorter
     one is), as the cut one enters the buffer with the length of its first C characters. (A document with no such
     boundary in its window, e.g. a single run of 10^5 letters, is cut at C, where its last word may split into
-    other tokens.) C is 2 x 2050 x L at T=2048: 131 k characters for nanochat's tokenizer (L = 32);
+    other tokens.) At T = 2048 and L = 32, C is 131 k characters;
   - the buffer keeps each document's first T+1 tokens and its length (the best-fit key), not all its tokens;
   - a row group's tokenized documents are cached (a few row groups), so a split of few documents, re-read many
     times to fill the buffer, holds one copy of them, not one per read.

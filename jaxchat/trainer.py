@@ -361,7 +361,8 @@ class Interrupts:
     Python runs a signal handler only between bytecodes of the main thread; the C-level handler also writes the
     signal number to the wakeup fd (`signal.set_wakeup_fd`), which wakes a watcher thread however busy the main
     thread is. The watcher records the signal and, when `nothing_to_save()` or on a second signal, calls
-    `on_exit(message)` and ends the process with status 128 + the signal number.
+    `on_exit(message)` and ends the process with status 128 + the signal number; in an interactive session (a REPL,
+    a notebook kernel), which that would kill, it only records, and the loop stops at the next step boundary.
     """
 
     def __init__(self, nothing_to_save: Callable[[], bool], on_exit: Callable[[str], None]):
@@ -369,6 +370,7 @@ class Interrupts:
         self.exiting = False  # the watcher is ending the process: the loop must not report a stop of its own
         self._nothing_to_save, self._on_exit = nothing_to_save, on_exit
         self._installed = False
+        self._may_exit = not (hasattr(sys, "ps1") or "ipykernel" in sys.modules)
 
     def __enter__(self):
         if not _in_main_thread():  # signal handlers can only be set there
@@ -405,6 +407,8 @@ class Interrupts:
                     continue
                 name = signal.Signals(signum).name
                 self.received.append(name)
+                if not self._may_exit:
+                    continue
                 if len(self.received) > 1:
                     self._exit(signum, f"Second {name}: exiting at once, without saving")
                 elif self._nothing_to_save():

@@ -328,7 +328,7 @@ def test_cut_documents_keep_every_token_packing_uses():
     rng = np.random.default_rng(0)
     words = ["the", "cat", "sat", "on", "a", "mat", "and", "ran", "far", "away", "7", "--", "\n", "éé"]
     text = " ".join(rng.choice(words, size=6000))
-    tok = Tokenizer.train_from_iterator([" ".join(rng.choice(words, size=300)) for _ in range(40)], vocab_size=300)
+    tok = Tokenizer.train_from_iterator([" ".join(rng.choice(words, size=300)) for _ in range(40)], vocab_size=280)
     T = 64
     limit = max_doc_chars(tok, T)
     assert limit == 2 * (T + 2) * int(tok.token_bytes().max()) < len(text)
@@ -357,7 +357,7 @@ def test_a_huge_document_is_read_in_bounded_memory(tmp_path):
     pq.write_table(pa.table({"text": [huge, short[0], short[1]]}), str(base / "base_data" / "shard_00000.parquet"))
     pq.write_table(pa.table({"text": short[2:]}), str(base / "base_data" / "shard_00001.parquet"))
     del huge
-    Tokenizer.train_from_iterator(short, vocab_size=300).save(str(base / "tokenizer"))
+    Tokenizer.train_from_iterator(short, vocab_size=270).save(str(base / "tokenizer"))
     proc = start_child(["--depth=2", "--aspect-ratio=32", "--head-dim=32", "--max-seq-len=64", "--device-batch-size=2",
                         "--total-batch-size=128", "--num-iterations=3", "--eval-every=-1", "--eval-tokens=128",
                         "--core-metric-every=-1", "--sample-every=-1"], "",

@@ -199,13 +199,17 @@ def quiet_library_logs() -> None:
 
 
 def run_cli(main, *args, **kwargs):
-    """Run an entry point's `main`: a `UserError` becomes one line on stderr and exit status 2 (the traceback only
-    with `$JAXCHAT_DEBUG=1`); library INFO logs are quieted first. Returns what `main` returns."""
+    """Run an entry point's `main`: a `UserError` becomes one line on stderr and exit status 2, Ctrl-C (outside the
+    training loop, which handles it itself) the line 'interrupted' and status 130 (the traceback only with
+    `$JAXCHAT_DEBUG=1`); library INFO logs are quieted first. Returns what `main` returns."""
     quiet_library_logs()
     try:
         return main(*args, **kwargs)
-    except UserError as e:
+    except (UserError, KeyboardInterrupt) as e:
         if os.environ.get("JAXCHAT_DEBUG") == "1":
             raise
+        if isinstance(e, KeyboardInterrupt):
+            print("interrupted", file=sys.stderr, flush=True)
+            sys.exit(130)
         print("error: " + " ".join(str(e).split()), file=sys.stderr, flush=True)  # one line, whatever it wraps
         sys.exit(2)

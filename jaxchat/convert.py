@@ -5,9 +5,10 @@
 
 A nanochat checkpoint directory holds `model_NNNNNN.pt` (a `torch.save` of the state_dict) and `meta_NNNNNN.json`
 (with `model_config`), as written by nanochat's `checkpoint_manager.save_checkpoint`; the newest step is used unless
-`--step`. Checkpoints of nanochat's bigram branch (412e9a1: `bigram_embed.weight`, `bigram_lambdas`, and
-`bigram_embed_factor` in `model_config`) convert both ways. Reading or writing `.pt` files needs PyTorch:
-`pip install -e '.[torch]'`.
+`--step`. A jaxchat source is verified against its digests like any load (`jaxchat.checkpoint`): a damaged step is
+refused in one line, and without `--step` the newest intact step is used. Checkpoints of nanochat's bigram branch
+(412e9a1: `bigram_embed.weight`, `bigram_lambdas`, and `bigram_embed_factor` in `model_config`) convert both ways.
+Reading or writing `.pt` files needs PyTorch: `pip install -e '.[torch]'`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import re
 
 from jaxchat.common import BadInputError
 from jaxchat.checkpoint import from_nanochat, load_model, save_model, to_nanochat
+from jaxchat.common import MissingInputError, run_cli
 from jaxchat.model import GPTConfig
 
 
@@ -49,19 +51,20 @@ def read_nanochat(src: str, step: int | None = None):
     checkpoint cannot run code.
 
     Raises:
-        FileNotFoundError: no model_*.pt, or the requested step / its meta JSON is missing.
+        MissingInputError (a FileNotFoundError, a UserError): no model_*.pt, or the requested step / its meta JSON
+            is missing.
         ValueError: the state_dict does not fit the config (keys or shapes, named).
         BadInputError (a UserError and ValueError): the .pt file holds more than tensors (weights_only refused it).
     """
     steps = nanochat_steps(src)
     if not steps:
-        raise FileNotFoundError(f"no nanochat model_*.pt files in {src}")
+        raise MissingInputError(f"no nanochat model_*.pt files in {src}")
     step = steps[-1] if step is None else step
     if step not in steps:
-        raise FileNotFoundError(f"no model_{step:06d}.pt in {src}; available steps: {steps}")
+        raise MissingInputError(f"no model_{step:06d}.pt in {src}; available steps: {steps}")
     meta_path = os.path.join(src, f"meta_{step:06d}.json")
     if not os.path.exists(meta_path):
-        raise FileNotFoundError(f"missing {meta_path} (nanochat writes it beside the model file)")
+        raise MissingInputError(f"missing {meta_path} (nanochat writes it beside the model file)")
     with open(meta_path, encoding="utf-8") as f:
         meta = json.load(f)
     model_config = dict(meta["model_config"])
@@ -117,4 +120,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -11,6 +11,22 @@ Same packing rule as nanochat's `tokenizing_distributed_data_loader_with_state_b
   - so every row starts with BOS, there is no padding, and a document never spans two rows.
 `inputs = rows[:, :-1]`, `targets = rows[:, 1:]`.
 
+Memory is bounded by the batch, not by document size. Packing takes at most T+1 tokens of any document (a row holds
+T+1, BOS first), so:
+  - a document is cut before tokenization to at most C = 2 (T+2) L characters (`max_doc_chars`; L is the longest
+    token in bytes), at a word boundary (a space after a non-space, before a letter) at or past C/2 when there is
+    one, which is a boundary of the tokenizer's pre-tokenization split, so the tokens before it are exactly those
+    of the whole document. Packing keeps at most T text tokens of a document, which lie within its first T L
+    characters (a token is at most L bytes, a character at least one) and so before the cut: nothing packing would
+    keep is lost. A cut document still has more than T+1 tokens (at least C/(2L) = T+2), so, like the whole one, it
+    never fits a row whole; what can differ is only which of two over-long documents is cropped first (the shorter
+    one is), as the cut one enters the buffer with the length of its first C characters. (A document with no such
+    boundary in its window, e.g. a single run of 10^5 letters, is cut at C, where its last word may split into
+    other tokens.) At T = 2048 and L = 32, C is 131 k characters;
+  - the buffer keeps each document's first T+1 tokens and its length (the best-fit key), not all its tokens;
+  - a row group's tokenized documents are cached (a few row groups), so a split of few documents, re-read many
+    times to fill the buffer, holds one copy of them, not one per read.
+
 Pipeline (grain, threads only; worker processes crash in grain 0.2.18):
     MapDataset.source(this process's row groups)  -> .repeat() (train, and val unless infinite=False)
       .map_with_index(read + tokenize one row group)  -> .to_iter_dataset(ReadOptions(threads, prefetch))
@@ -29,6 +45,7 @@ uninterrupted run would have produced. The state is a small JSON-able dict.
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 from typing import Any
 
@@ -50,20 +67,47 @@ def _no_documents_error(split: str, paths, why: str) -> BadInputError:
     return BadInputError(f"no documents to read in the {split} split ({why}): {_name_shards(paths)}; {REBUILD_HINT}")
 
 
-def _read_and_tokenize(tokenizer, bos: int, tokenizer_threads: int):
-    """A map_with_index function: (stream index, (path, rg)) -> (stream index, list of int32 token arrays)."""
-    def fn(index: int, group: tuple[str, int]):
+def max_doc_chars(tokenizer, seq_len: int) -> int | None:
+    """C = 2 (T + 2) L: the characters of a document tokenized (see the module docstring), L the longest token of
+    `tokenizer` in bytes (its `token_bytes()`); None (no cut) for a tokenizer that does not say."""
+    if not hasattr(tokenizer, "token_bytes"):
+        return None
+    return 2 * (seq_len + 2) * max(1, int(np.max(tokenizer.token_bytes())))
+
+
+def cut_document(text: str, limit: int | None) -> str:
+    """`text` cut to at most `limit` characters: at the last word boundary (a space after a non-space and before a
+    letter, the start of a pre-tokenization piece) at or past limit // 2, else at `limit`."""
+    if limit is None or len(text) <= limit:
+        return text
+    lo = limit // 2
+    i = text.rfind(" ", lo, limit)
+    while i > 0:
+        if not text[i - 1].isspace() and text[i + 1].isalpha():
+            return text[:i]
+        i = text.rfind(" ", lo, i)
+    return text[:limit]
+
+
+def _read_and_tokenize(tokenizer, bos: int, tokenizer_threads: int, row_len: int, doc_chars: int | None,
+                       cached_groups: int):
+    """A map_with_index function: (stream index, (path, rg)) -> (stream index, [(int32 first row_len tokens,
+    token count)] per document); the last `cached_groups` row groups' results are reused, not re-read."""
+    @functools.lru_cache(maxsize=cached_groups)
+    def tokenize(group: tuple[str, int]):
         path, rg = group
-        texts = read_row_group_texts(open_parquet(path), rg, path)
+        texts = [cut_document(t, doc_chars) for t in read_row_group_texts(open_parquet(path), rg, path)]
         ids = tokenizer.encode(texts, prepend=bos, num_threads=tokenizer_threads) if texts else []
-        return index, [np.asarray(t, dtype=np.int32) for t in ids]
-    return fn
+        return [(np.asarray(t[:row_len], dtype=np.int32), len(t)) for t in ids]
+
+    return lambda index, group: (index, tokenize(tuple(group)))
 
 
 class BestFitPackIterDataset(grain.IterDataset):
     """Packs tokenized row groups into (inputs, targets) batches with nanochat's BOS-aligned best-fit rule.
 
-    `groups` is the tokenized MapDataset (elements `(stream_index, [int32 array per document])`), needed for
+    `groups` is the tokenized MapDataset (elements `(stream_index, [(int32 first T+1 tokens, token count) per
+    document])`), needed for
     random access on restore; `parent` is its iter dataset. `infinite=False` ends the iteration when the
     documents run out (the last partial batch is dropped).
     """
@@ -103,18 +147,18 @@ class BestFitPackIterator(grain.DatasetIterator):
     def _reset_buffer(self):
         # Buffer: documents by insertion sequence number; `_keys` is sorted by (length, -seq) so that a
         # bisect finds the longest document that fits, earliest first on ties, in O(log n).
-        self._docs: dict[int, tuple[np.ndarray, int, int]] = {}  # seq -> (tokens, stream index, doc index)
+        self._docs: dict[int, tuple[tuple, int, int]] = {}  # seq -> ((tokens, length), stream index, doc index)
         self._keys: list[tuple[int, int]] = []
         self._next_seq = 0
-        self._pending: list[tuple[np.ndarray, int, int]] = []  # read but not yet buffered, in order
+        self._pending: list[tuple[tuple, int, int]] = []  # read but not yet buffered, in order
         self._exhausted = False
         self._empty_run = 0  # row groups read in a row that held no document
 
-    def _add(self, tokens: np.ndarray, stream_idx: int, doc_idx: int):
+    def _add(self, doc: tuple[np.ndarray, int], stream_idx: int, doc_idx: int):
         seq = self._next_seq
         self._next_seq += 1
-        self._docs[seq] = (tokens, stream_idx, doc_idx)
-        bisect.insort(self._keys, (len(tokens), -seq))
+        self._docs[seq] = (doc, stream_idx, doc_idx)
+        bisect.insort(self._keys, (doc[1], -seq))
 
     def _refill(self) -> bool:
         """Move up to `tokenizer_batch_size` documents into the buffer (nanochat's refill granularity).
@@ -148,8 +192,8 @@ class BestFitPackIterator(grain.DatasetIterator):
         if i < 0:  # nothing fits whole: crop the shortest (earliest among equals = last of its length run)
             i = bisect.bisect_right(self._keys, (self._keys[0][0], math.inf)) - 1
         _, neg_seq = self._keys.pop(i)
-        tokens = self._docs.pop(-neg_seq)[0]
-        self.cropped_tokens += max(0, len(tokens) - remaining)
+        tokens, length = self._docs.pop(-neg_seq)[0]
+        self.cropped_tokens += max(0, length - remaining)
         return tokens[:remaining]
 
     def __next__(self) -> tuple[np.ndarray, np.ndarray]:
@@ -184,9 +228,9 @@ class BestFitPackIterator(grain.DatasetIterator):
         """Restore a `get_state()` dict (re-reads the few row groups whose documents were in flight)."""
         self._parent.set_state(state["parent"])
         self._reset_buffer()
-        cache: dict[int, list[np.ndarray]] = {}
+        cache: dict[int, list[tuple]] = {}
 
-        def docs_of(stream_idx: int) -> list[np.ndarray]:
+        def docs_of(stream_idx: int) -> list[tuple]:
             if stream_idx not in cache:
                 cache[stream_idx] = self._ds._groups[stream_idx][1]
             return cache[stream_idx]
@@ -205,7 +249,7 @@ def make_pretrain_loader(tokenizer, batch_size: int, seq_len: int, split: str, p
                          process_count: int | None = None, state: dict | None = None, buffer_size: int = 1000,
                          tokenizer_batch_size: int = 128, tokenizer_threads: int = 4, read_threads: int = 2,
                          prefetch_row_groups: int = 4, infinite: bool = True,
-                         data_dir: str | None = None) -> BestFitPackIterator:
+                         data_dir: str | None = None, doc_chars: int | None = -1) -> BestFitPackIterator:
     """Pretraining batches for this process: an iterator of (inputs, targets), int32 numpy of shape (B, T).
 
     Args:
@@ -224,6 +268,8 @@ def make_pretrain_loader(tokenizer, batch_size: int, seq_len: int, split: str, p
         infinite: cycle over the split forever (nanochat does, for train and val); False stops after one
             pass and drops the last partial batch.
         data_dir: shard directory (default `$JAXCHAT_BASE_DIR/base_data`).
+        doc_chars: cut documents to this many characters before tokenization; -1 (default): `max_doc_chars`,
+            which loses nothing packing keeps (module docstring); None: no cut.
 
     Returns a `BestFitPackIterator` with `__next__`, `get_state()`, `set_state()`, and `.epoch` (epoch of
     the latest row group read, from 1), `.batches` (batches yielded), `.cropped_tokens` (tokens discarded
@@ -258,7 +304,10 @@ def make_pretrain_loader(tokenizer, batch_size: int, seq_len: int, split: str, p
     ds = grain.MapDataset.source(groups)
     if infinite:
         ds = ds.repeat()
-    ds = ds.map_with_index(_read_and_tokenize(tokenizer, tokenizer.get_bos_token_id(), tokenizer_threads))
+    if doc_chars == -1:
+        doc_chars = max_doc_chars(tokenizer, seq_len)
+    ds = ds.map_with_index(_read_and_tokenize(tokenizer, tokenizer.get_bos_token_id(), tokenizer_threads,
+                                              seq_len + 1, doc_chars, prefetch_row_groups + read_threads + 2))
     read = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_row_groups))
     it = BestFitPackIterDataset(ds, read, batch_size, seq_len, buffer_size, tokenizer_batch_size,
                                 len(groups), split, tuple(p for p, _ in groups)).__iter__()

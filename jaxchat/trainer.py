@@ -30,9 +30,21 @@ stops the run at once with `Diverged`, naming the newest checkpoint, which satis
 
 Resume: a checkpoint holds params, optimizer state, every process's loader state, and the loop state (step,
 smoothed loss, best loss, min val bpb, training time, seed: every random draw of the scripts is a function of the
-seed and the step), so `--resume-from-step=N|latest` continues bit for bit. SIGTERM / SIGINT: the loop saves at the
-next step boundary and returns (summary['stopped'] names the signal). A run on a tag that already holds steps
-refuses to start without a resume flag or `--overwrite`.
+seed and the step), so `--resume-from-step=N|latest` continues bit for bit. Every step read back is verified against
+the digests written with it (`jaxchat.checkpoint`); `latest` is the newest intact step (a damaged newer one is
+skipped, saying why), an explicit damaged step is refused.
+
+Faults. The run owns its checkpoint directory: a `checkpoint.WriterLock` is taken when the Trainer is made (before
+the existing-steps check, so two runs started together on one new tag cannot both write it) and released when
+`run` returns; on several hosts process 0 takes it. A run on a tag that already holds steps refuses to start without
+a resume flag or `--overwrite`. A failed save (no space left, a read-only filesystem, ...) leaves no partial step and
+stops the run with one line naming the error, the path and the last good step (`CheckpointWriteError`).
+
+SIGTERM / SIGINT, from the start of `run`: once a step is done, the loop saves at the next step boundary and returns
+(summary['stopped'] names the signal); before the first step (loading data, compiling: nothing to save), or on a
+second signal, the process exits at once with status 128 + signal number, saying so and naming the last checkpoint. A
+watcher thread makes that work while the main thread is inside XLA's compiler or blocked on the data loader, where
+Python would run no signal handler.
 """
 
 from __future__ import annotations
@@ -41,8 +53,12 @@ import argparse
 import functools
 import math
 import os
+import resource
 import shutil
 import signal
+import socket
+import sys
+import threading
 import time
 from typing import Callable, NamedTuple
 
@@ -248,12 +264,16 @@ class MetricsWriter:
 
 
 def peak_memory_bytes() -> int | None:
-    """Peak bytes in use on the first local device, None where the backend does not say (CPU)."""
+    """Peak bytes in use on the first local device; where the backend does not say (CPU), the peak resident set
+    size of this process (`getrusage` ru_maxrss, KiB on Linux, bytes on macOS)."""
     try:
         stats = jax.local_devices()[0].memory_stats()
     except Exception:
-        return None
-    return None if not stats else int(stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0)))
+        stats = None
+    if stats:
+        return int(stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0)))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
 def fmt_mfu(mfu: float | None) -> str:
@@ -310,6 +330,101 @@ class Hook(NamedTuple):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Faults: the writer lock, signals
+
+
+def _take_writer_lock(ckpt_dir: str) -> ckpt.WriterLock:
+    """The checkpoint directory's WriterLock, taken by process 0; every process raises if process 0 could not."""
+    lock, refused = ckpt.WriterLock(ckpt_dir), None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except UserError as e:
+            refused = e
+    if multihost.any_process(refused is not None):
+        lock.release()
+        raise refused or UserError(f"process 0 could not take the writer lock of {ckpt_dir} (see its message)")
+    return lock
+
+
+def _remove_steps(ckpt_dir: str) -> None:
+    """--overwrite: delete everything in the directory but the writer lock this run holds."""
+    for name in os.listdir(ckpt_dir):
+        if name != ckpt.LOCK_FILE:
+            path = os.path.join(ckpt_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+
+
+class Interrupts:
+    """SIGTERM / SIGINT while a run is on (see the module docstring): `received` lists the signals' names.
+
+    Python runs a signal handler only between bytecodes of the main thread; the C-level handler also writes the
+    signal number to the wakeup fd (`signal.set_wakeup_fd`), which wakes a watcher thread however busy the main
+    thread is. The watcher records the signal and, when `nothing_to_save()` or on a second signal, calls
+    `on_exit(message)` and ends the process with status 128 + the signal number; in an interactive session (a REPL,
+    a notebook kernel), which that would kill, it only records, and the loop stops at the next step boundary.
+    """
+
+    def __init__(self, nothing_to_save: Callable[[], bool], on_exit: Callable[[str], None]):
+        self.received: list[str] = []
+        self.exiting = False  # the watcher is ending the process: the loop must not report a stop of its own
+        self._nothing_to_save, self._on_exit = nothing_to_save, on_exit
+        self._installed = False
+        self._may_exit = not (hasattr(sys, "ps1") or "ipykernel" in sys.modules)
+
+    def __enter__(self):
+        if not _in_main_thread():  # signal handlers can only be set there
+            return self
+        self._r, self._w = socket.socketpair()
+        self._w.setblocking(False)
+        self._old_fd = signal.set_wakeup_fd(self._w.fileno(), warn_on_full_buffer=False)
+        # a Python handler must be set for the C handler to write to the wakeup fd; the watcher does the work
+        self._old = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+        threading.Thread(target=self._watch, name="jaxchat-signals", daemon=True).start()
+        self._installed = True
+        return self
+
+    def __exit__(self, *exc):
+        if not self._installed:
+            return
+        self._installed = False
+        signal.set_wakeup_fd(self._old_fd)
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._w.close()  # the watcher reads end-of-file and returns
+        self._r.close()
+
+    def _watch(self):
+        while True:
+            try:
+                data = self._r.recv(64)
+            except OSError:
+                return
+            if not data:
+                return
+            for signum in data:
+                if signum not in (signal.SIGTERM, signal.SIGINT):
+                    continue
+                name = signal.Signals(signum).name
+                self.received.append(name)
+                if not self._may_exit:
+                    continue
+                if len(self.received) > 1:
+                    self._exit(signum, f"Second {name}: exiting at once, without saving")
+                elif self._nothing_to_save():
+                    self._exit(signum, f"Stopped by {name} before the first step of this run: nothing to save")
+
+    def _exit(self, signum: int, message: str):
+        self.exiting = True
+        try:
+            self._on_exit(message)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(128 + signum)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The loop
 
 
@@ -337,23 +452,28 @@ class Trainer:
         self.fingerprint = tokenizer.fingerprint() if tokenizer is not None else None
         if self.fingerprint:
             self.meta["tokenizer_fingerprint"] = self.fingerprint
-        existing = ckpt.list_steps(ckpt_dir)
         resume = parse_resume(getattr(args, "resume_from_step", None))
         self.loop_state = {"step": 0, "smooth_loss": 0.0, "best_loss": math.inf, "min_val_bpb": math.inf,
                            "total_time": 0.0, "seed": getattr(args, "seed", 0)}
         self.loader_state = None
-        self.last_saved = existing[-1] if resume is not None and existing else None
-        if resume is None:
-            if existing and not args.overwrite:
-                raise UserError(f"{ckpt_dir} already holds steps {existing} of an earlier run; continue it with "
-                                f"--resume-from-step=latest (or one of those steps), choose another tag, or "
-                                f"replace it with --overwrite")
-            if existing and jax.process_index() == 0:
-                shutil.rmtree(ckpt_dir)
-            multihost.barrier("trainer-overwrite")
-            self.params, self.opt_state = init()
-        else:
-            self._restore(existing, resume)
+        self.lock = _take_writer_lock(ckpt_dir)
+        try:
+            existing = ckpt.list_steps(ckpt_dir)
+            self.last_saved = existing[-1] if resume is not None and existing else None
+            if resume is None:
+                if existing and not args.overwrite:
+                    raise UserError(f"{ckpt_dir} already holds steps {existing} of an earlier run; continue it with "
+                                    f"--resume-from-step=latest (or one of those steps), choose another tag, or "
+                                    f"replace it with --overwrite")
+                if existing and jax.process_index() == 0:
+                    _remove_steps(ckpt_dir)
+                multihost.barrier("trainer-overwrite")
+                self.params, self.opt_state = init()
+            else:
+                self._restore(existing, resume)
+        except BaseException:
+            self.lock.release()
+            raise
         self.writer = MetricsWriter(os.path.join(get_base_dir(), "runs", run_prefix + args.run),
                                     enabled=args.run != "dummy")
 
@@ -361,19 +481,24 @@ class Trainer:
         if not existing:
             raise UserError(f"--resume-from-step={resume}: no checkpoint in {self.ckpt_dir}; "
                             f"{ckpt.describe_tags(os.path.dirname(self.ckpt_dir))}")
-        s = existing[-1] if resume == "latest" else resume
-        if s not in existing:
-            raise UserError(f"--resume-from-step={s}: {self.ckpt_dir} has steps {existing}")
-        meta = ckpt.load_meta(self.ckpt_dir, s)
-        ckpt.check_same_model(meta, self.config, f"--resume-from-step={s} of {self.ckpt_dir}")
-        ckpt.check_tokenizer(meta, self.fingerprint, f"{self.ckpt_dir} step {s}")
-        if "loop_state" not in meta:
-            raise UserError(f"{self.ckpt_dir} step {s} holds no training state (an older or params-only "
-                            f"checkpoint); start a new run instead of --resume-from-step")
+        if resume != "latest" and resume not in existing:
+            raise UserError(f"--resume-from-step={resume}: {self.ckpt_dir} has steps {existing}")
+
+        def check_meta(meta: dict, s: int) -> None:
+            ckpt.check_same_model(meta, self.config, f"--resume-from-step={s} of {self.ckpt_dir}")
+            ckpt.check_tokenizer(meta, self.fingerprint, f"{self.ckpt_dir} step {s}")
+            if "loop_state" not in meta:
+                raise UserError(f"{self.ckpt_dir} step {s} holds no training state (an older or params-only "
+                                f"checkpoint); start a new run instead of --resume-from-step")
+
         abstract_params = gpt.param_shapes(self.config)
         restored = ckpt.restore_checkpoint(
-            self.ckpt_dir, s, shd.abstract_with_shardings(abstract_params, self.step.param_sh),
-            shd.abstract_with_shardings(jax.eval_shape(self.step.optimizer.init, abstract_params), self.step.opt_sh))
+            self.ckpt_dir, None if resume == "latest" else resume,
+            shd.abstract_with_shardings(abstract_params, self.step.param_sh),
+            shd.abstract_with_shardings(jax.eval_shape(self.step.optimizer.init, abstract_params), self.step.opt_sh),
+            check_meta=check_meta)
+        meta = restored["meta"]
+        s = int(meta["step"])
         self.params, self.opt_state = restored["params"], restored["opt_state"]
         states = (restored.get("loader") or {}).get("process_states")
         if states is not None and len(states) != jax.process_count():
@@ -386,15 +511,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ saving and the guard
 
-    def _where(self) -> str:
+    def _where(self, hint: str = "") -> str:
         if self.last_saved is None:
             return "no checkpoint was written"
         return (f"the last good checkpoint is step {self.last_saved} in {self.ckpt_dir} (resume with "
-                f"--resume-from-step={self.last_saved}, perhaps with lower learning rates)")
+                f"--resume-from-step={self.last_saved}{hint})")
 
     def _diverged(self, what: str):
         self.writer.close()
-        return Diverged(f"{what}; stopping, nothing saved after it; {self._where()}")
+        where = self._where(", perhaps with lower learning rates")
+        return Diverged(f"{what}; stopping, nothing saved after it; {where}")
 
     def _save(self, s: int, loader_state: dict, last_batch, val_bpb) -> None:
         ls = self.loop_state
@@ -411,9 +537,13 @@ class Trainer:
         if reasons:
             raise self._diverged(f"step {s} breaks the checkpoint rule: " + "; ".join(reasons))
         meta = dict(self.meta, loop_state=dict(ls, step=s), val_bpb=val_bpb)
-        ckpt.save_checkpoint(self.ckpt_dir, s, self.params, self.config, meta=meta,
-                             opt_state=self.opt_state,
-                             loader_state={"process_states": multihost.gather_process_states(loader_state)})
+        try:
+            ckpt.save_checkpoint(self.ckpt_dir, s, self.params, self.config, meta=meta,
+                                 opt_state=self.opt_state,
+                                 loader_state={"process_states": multihost.gather_process_states(loader_state)})
+        except ckpt.CheckpointWriteError as e:
+            self.writer.close()
+            raise ckpt.CheckpointWriteError(f"{e}; stopping; {self._where()}") from e
         self.last_saved = s
         print0(f"Saved checkpoint step {s} to {self.ckpt_dir}")
 
@@ -438,15 +568,14 @@ class Trainer:
         log_every = max(1, int(getattr(args, "train_log_every", 1)))
         peak = get_peak_flops() * jax.device_count()
         losses, evals, pending = {}, {}, []
-        stop = []
-        handlers = {}
+        timed = [0, 0.0]  # steps and seconds counted for the ETA (as total_time: after the first 10)
 
-        def on_signal(signum, frame):
-            stop.append(signal.Signals(signum).name)
+        def on_exit(message: str):
+            print0(f"{message}; {self._where()}")
+            self.lock.release()
 
-        if _in_main_thread():  # signal handlers can only be set there
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                handlers[sig] = signal.signal(sig, on_signal)
+        interrupts = Interrupts(lambda: ls["step"] == start, on_exit).__enter__()
+        stop = interrupts.received
         last_time = [time.perf_counter()]
 
         def flush(keep: int = 0):
@@ -463,6 +592,7 @@ class Trainer:
                 losses[i] = loss
                 if i > start + 10:
                     ls["total_time"] += dt
+                    timed[0], timed[1] = timed[0] + 1, timed[1] + dt
                 if not math.isfinite(loss):
                     raise self._diverged(f"step {i}: training loss is {loss}")
                 ls["smooth_loss"] = EMA_BETA * ls["smooth_loss"] + (1 - EMA_BETA) * loss
@@ -475,9 +605,12 @@ class Trainer:
             mfu = 100 * flops_per_token * tok_per_sec / peak if math.isfinite(peak) else None
             extra = console(i, metrics) if console else ""
             horizon = f"/{num_iterations:05d} ({100 * i / num_iterations:.2f}%)" if num_iterations else ""
+            eta = ""
+            if num_iterations:  # the mean step time after the first 10 (compilation), else this step's
+                eta = f" | eta: {(num_iterations - i - 1) * (timed[1] / timed[0] if timed[0] else dt) / 60:.1f}m"
             print0(f"step {i:05d}{horizon} | loss: {smooth:.6f} | lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | "
                    f"tok/sec: {int(tok_per_sec):,} | mfu: {fmt_mfu(mfu)}{extra} | "
-                   f"total time: {ls['total_time'] / 60:.2f}m")
+                   f"total time: {ls['total_time'] / 60:.2f}m{eta}")
             scalars = {"train/loss": smooth, "train/raw_loss": loss, "train/lrm": lrm, "train/dt": dt,
                        "train/tok_per_sec": tok_per_sec, "total_training_flops": flops_per_token * tokens_per_step * i,
                        "total_training_time": ls["total_time"], **metrics}
@@ -497,7 +630,7 @@ class Trainer:
             last_batch = None
             while True:
                 last = (s >= num_iterations) if num_iterations is not None else multihost.any_process(is_last(s))
-                due = [h for h in hooks if h.due(s, last)]
+                due = [h for h in hooks if h.due(s, last)] if not stop else []  # stopping: save and go
                 if due:
                     flush()
                     for h in due:
@@ -514,7 +647,7 @@ class Trainer:
                     flush()
                     self._save(s, state, last_batch, val_bpb)
                     last_time[0] = time.perf_counter()
-                if stop:
+                if stop and not interrupts.exiting:
                     print0(f"Stopped by {stop[0]} at step {s}; resume with --resume-from-step=latest")
                     break
                 if last:
@@ -530,10 +663,13 @@ class Trainer:
                 if len(pending) > log_every:
                     flush(keep=1)
             flush()
+            peak_mem = peak_memory_bytes()
+            if peak_mem:
+                self.writer.log(s, {"peak_memory_mib": peak_mem / 2**20})
         finally:
-            for sig, h in handlers.items():
-                signal.signal(sig, h)
+            interrupts.__exit__()
             self.writer.close()
+            self.lock.release()
         return {"losses": losses, "evals": evals, "final_step": s, "checkpoint_dir": self.ckpt_dir,
                 "val_bpb": {k: v["val/bpb"] for k, v in evals.items() if "val/bpb" in v},
                 "min_val_bpb": ls["min_val_bpb"], "last_saved": self.last_saved,
@@ -541,6 +677,4 @@ class Trainer:
 
 
 def _in_main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()

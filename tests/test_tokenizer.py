@@ -495,6 +495,27 @@ def test_train_script_on_input_files(tmp_path, monkeypatch, capsys):
         train_tok.main(["--input", str(tmp_path / "nope.txt")])
 
 
+def test_train_script_reads_a_parquet_files_text_column_or_refuses(tmp_path, monkeypatch):
+    """--input x.parquet: the documents of its 'text' column, one per row (not the file's bytes as one document);
+    a parquet file without that column is refused in one line naming it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from jaxchat.common import UserError
+    from train import tokenizer as train_tok
+
+    docs = [f"document {i}: " + UNICODE_SAMPLES[i % len(UNICODE_SAMPLES)] for i in range(50)]
+    pq.write_table(pa.table({"id": list(range(50)), "text": docs}), str(tmp_path / "x.parquet"), row_group_size=16)
+    assert list(train_tok.file_documents([str(tmp_path / "x.parquet")], doc_cap=10_000)) == docs
+    monkeypatch.setenv("JAXCHAT_BASE_DIR", str(tmp_path / "base"))
+    stats = train_tok.main(["--input", str(tmp_path / "x.parquet"), "--vocab-size", "300"])
+    assert stats["train_docs"] == 50 and stats["train_chars"] == sum(map(len, docs))
+    pq.write_table(pa.table({"body": docs}), str(tmp_path / "y.parquet"))
+    with pytest.raises(UserError, match=r"--input .*y.parquet: this parquet file has no 'text' column \(columns: "
+                                        r"\['body'\]\)") as e:
+        train_tok.main(["--input", str(tmp_path / "y.parquet"), "--vocab-size", "300"])
+    assert "\n" not in str(e.value)
+
+
 def test_train_script_on_shards_caps_chars(tmp_path, monkeypatch):
     """Shard path: docs cropped to --doc-cap, stop after the doc that passes --max-chars (nanochat semantics)."""
     from train import tokenizer as train_tok

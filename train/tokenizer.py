@@ -3,6 +3,7 @@
     python -m train.tokenizer                          # pretraining shards (train split), 2B chars, vocab 32768
     python -m train.tokenizer --vocab-size 4096 --max-chars 50_000_000
     python -m train.tokenizer --input docs/ notes.txt  # plain text files (or folders of them), no shards needed
+    python -m train.tokenizer --input shards/x.parquet # parquet files: their `text` column, a document per row
 
 Every document is cut to --doc-cap characters and training stops once more than --max-chars characters were
 read. Writes tokenizer.pkl, token_bytes.npy and train_stats.json, prints a round-trip check and one JSON line.
@@ -54,11 +55,30 @@ def _input_files(paths: list[str]) -> list[str]:
 
 
 def file_documents(paths: list[str], doc_cap: int) -> Iterator[str]:
-    """Text files (.gz decompressed, bad UTF-8 replaced) cut at line boundaries into ~doc_cap-char documents.
+    """Text files (.gz decompressed, bad UTF-8 replaced) cut at line boundaries into ~doc_cap-char documents;
+    parquet files (.parquet) give their `text` column, one document per row.
 
     Chunking rather than one document per file keeps --doc-cap from throwing away all but the head of a file.
+    Raises BadInputError (one line, naming the file) for a parquet file without a `text` column or a corrupt one.
     """
     for path in _input_files(paths):
+        if path.endswith(".parquet"):  # binary: read as text it would be one document of raw bytes
+            import pyarrow.parquet as pq
+
+            from jaxchat.common import BadInputError
+            from jaxchat.dataset import open_parquet, read_row_group_texts
+
+            try:
+                names = pq.read_schema(path).names
+            except Exception:  # not readable parquet: open_parquet says so, naming the file
+                names = None
+            if names is not None and "text" not in names:
+                raise BadInputError(f"--input {path}: this parquet file has no 'text' column (columns: {names}); "
+                                    f"train.tokenizer reads a parquet file's documents from its 'text' column")
+            pf = open_parquet(path)
+            for rg in range(pf.num_row_groups):
+                yield from read_row_group_texts(pf, rg, path)
+            continue
         opener = gzip.open if path.endswith(".gz") else open
         with opener(path, "rt", encoding="utf-8", errors="replace") as f:
             buf, n = [], 0
@@ -89,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-chars", type=int, default=2_000_000_000, help="stop after this many characters")
     parser.add_argument("--doc-cap", type=int, default=10_000, help="crop every document to this many characters")
     parser.add_argument("--input", nargs="+", default=None, metavar="PATH",
-                        help="train on these text files/folders instead of the pretraining shards")
+                        help="train on these text or parquet files/folders instead of the pretraining shards")
     args = parser.parse_args(argv)
     if args.doc_cap <= 0 or args.max_chars <= 0:
         parser.error("--doc-cap and --max-chars must be positive")

@@ -50,7 +50,7 @@ def run_samples(params, config, tokenizer) -> tuple[list[str], list[str]]:
     from jaxchat.engine import Engine
 
     local = jax.device_put(_local_copy(params), jax.local_devices()[0])
-    engine = Engine(local, config, tokenizer)
+    engine = Engine(local, config, tokenizer, max_batch=8)  # the 8 unconditioned samples decode together
     samples, unconditioned = [], []
     for prompt in SAMPLE_PROMPTS:
         tokens = tokenizer.encode(prompt, prepend="<|bos|>")

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxchat.common import maybe_init_distributed, print0, run_cli
+from jaxchat.common import maybe_init_distributed, pow2_bucket, print0, run_cli
 
 ALL_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee")
 # Random-guess accuracy: 1 of 4 for multiple choice, 0 for open-ended answers.
@@ -62,10 +62,6 @@ def chatcore(results: dict[str, float]) -> float | None:
     return sum((results[t] - BASELINE_ACCURACIES[t]) / (1.0 - BASELINE_ACCURACIES[t]) for t in ALL_TASKS) / len(ALL_TASKS)
 
 
-def _bucket(n: int, minimum: int = 64) -> int:
-    return max(minimum, 1 << max(0, n - 1).bit_length())
-
-
 def run_categorical_eval(task, tokenizer, params=None, config=None, batch_size: int = 8,
                          max_problems: int | None = None, forward_fn: Callable | None = None) -> float:
     """Accuracy of a multiple-choice task from the logits of its letters (nanochat `run_categorical_eval`).
@@ -105,7 +101,7 @@ def run_categorical_eval(task, tokenizer, params=None, config=None, batch_size: 
         prompts = [tokenizer.render_for_completion(c) for c in convs]
         if max_len:
             prompts = [p[-max_len:] for p in prompts]
-        T = _bucket(max(len(p) for p in prompts))
+        T = pow2_bucket(max(len(p) for p in prompts), 64)
         T = min(T, max_len) if max_len else T
         idx = np.full((B, T), bos, np.int32)
         pos = np.zeros(B, np.int32)
@@ -205,7 +201,7 @@ def main(argv=None) -> dict:
 
     params, config, tokenizer, meta = load_model_from(args.source, model_tag=args.model_tag, step=args.step)
     params = jax.device_put(_local_copy(params), jax.local_devices()[0])
-    engine = Engine(params, config, tokenizer)
+    engine = Engine(params, config, tokenizer, max_batch=args.num_samples)  # a problem's samples decode together
     results = {}
     for name in args.tasks:
         print0(f"\n=== {name} ===")

@@ -30,7 +30,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from evals.tasks.common import download_file_with_lock
-from jaxchat.common import get_base_dir, print0
+from jaxchat.common import get_base_dir, pow2_bucket, print0
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -228,10 +228,6 @@ def example_rows(item: dict, task_meta: dict, fewshot: Sequence[dict], tokenizer
 # -------------------------------------------------------------------------------------------------- scoring
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 class CoreScorer:
     """Scores token rows in padded, device-sharded, jitted batches.
 
@@ -289,8 +285,7 @@ class CoreScorer:
         self._score = jax.jit(score)
 
     def _bucket(self, n: int) -> int:
-        t = max(self.min_len, _next_pow2(n))
-        return min(t, self.max_seq_len) if self.max_seq_len else t
+        return pow2_bucket(n, self.min_len, self.max_seq_len or None)
 
     def score_rows(self, rows: Sequence[Sequence[int]], starts: Sequence[int], ends: Sequence[int]):
         """Mean continuation loss (nats) and greedy exact-match flag of each row.

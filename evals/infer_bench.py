@@ -1,26 +1,28 @@
-"""Inference benchmark: prefill and decode throughput of the engine, swept over the decode batch size.
+"""Inference benchmark: the server's engine (`jaxchat.engine.Engine`), prefill and decode, swept over the batch.
 
 The idea is later nanochat's `scripts/infer_bench.py`: prefill is compute-bound (one big forward over the prompt),
 decode is memory-bound (every step re-reads all weights and the KV cache for one token per row), so batching decode
 is almost free until compute saturates. MBU (model bandwidth utilisation) is decode's distance from the bandwidth
 roofline: bytes a step must read (weights as stored + each row's KV cache over the attended context, nanochat's
 `kv_read_bytes` at the mid-decode context) per second, over the device's peak bandwidth
-(`jaxchat.common.get_peak_bandwidth`; null where unknown, e.g. CPU). Our decode attends over the whole bucketed
-cache with a mask, so it moves more bytes than that minimum: MBU measures distance from the ideal.
+(`jaxchat.common.get_peak_bandwidth`; null where unknown, e.g. CPU).
 
     python -m evals.infer_bench -i base -g d20 --batch-sizes 1,8,32
     python -m evals.infer_bench --random-init --depth 4 --aspect-ratio 64 --head-dim 64 --vocab-size 8192 \\
         --max-seq-len 256 --prompt-len 16 --decode-tokens 128 --batch-sizes 1,8
 
-Compile time is excluded: each batch size runs once untimed first. Decoding is greedy, without a tokenizer (no stop
-tokens), so every row runs the full --decode-tokens. Prints nanochat HEAD's card (model, device, parameters, KV
-bytes, the batch-1 decode ceiling, prefill tok/s and MFU) and its table per batch size: TTFT (the prefill, blocked
-on: the first token is drawn from its logits), TPOT (decode seconds per step; the loop runs on the device, so it is
-the mean step of the chunked loop, not nanochat's median per-step time), decode tok/s, MBU, MFU (nanochat's
-`estimate_decode_flops` per row per step over the peak FLOP/s) and peak memory (the device's `memory_stats()` peak,
-or on CPU the process's peak resident set). MBU and MFU are null where the peak is unknown (CPU). The last line is
-one JSON document with a `sweep` list of rows {batch_size, ttft_sec, tpot_sec, tok_per_sec, mbu_percent,
-mfu_percent, peak_memory_bytes, decode_steps, prefill_tok_per_sec, ms_per_token, mbu}.
+Each batch size B is an Engine of B slots (cache of `cache_bucket(sequence_len)` positions per slot, as
+`serve.app` builds it) serving one request of B samples, as a server would: greedy, without a tokenizer (no stop
+tokens), so every sample runs the full --decode-tokens. Compile time is excluded (one untimed run first). Per batch
+size, medians over --repeats: TTFT (submit to the first token: prefill, insert and the first, short, decode chunk),
+TPOT (vLLM's: (last token - first token) / (tokens - 1), the mean inter-token latency; tokens arrive a chunk at a
+time), decode tok/s (B / TPOT), MBU, MFU (nanochat's `estimate_decode_flops` per row
+per step over the peak FLOP/s), the step time relative to batch 1 (what batching costs per step; on a GPU ~1) and
+peak memory (the device's `memory_stats()` peak, or on CPU the process's peak resident set). Prints nanochat
+HEAD's card (model, device, parameters, KV bytes, the batch-1 decode ceiling, prefill tok/s and MFU) and a table;
+the last line is one JSON document with a `sweep` list of rows {batch_size, ttft_sec, tpot_sec, tok_per_sec,
+step_vs_batch1, mbu_percent, mfu_percent, peak_memory_bytes, decode_steps, prefill_tok_per_sec,
+ms_per_token, mbu}.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import numpy as np
 from jaxchat import gpu_compile
 from jaxchat import model as gpt
 from jaxchat.common import compute_dtype, device_kind, get_peak_bandwidth, get_peak_flops
-from jaxchat.engine import Engine
+from jaxchat.engine import Engine, cache_bucket
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -129,15 +131,18 @@ def peak_memory() -> tuple[int | None, str]:
 
 
 def bench_once(engine: Engine, prompt: list[int], batch_size: int, decode_tokens: int) -> dict:
-    """One generation: prefill seconds (blocked on), decode seconds and steps."""
-    stream = engine.stream_chunks(prompt, num_samples=batch_size, max_tokens=decode_tokens, temperature=0.0)
+    """One request of batch_size samples: TTFT and TPOT of sample 0, in seconds, and its tokens."""
     t0 = time.perf_counter()
-    (logits,) = next(stream)
-    jax.block_until_ready(logits)
-    t1 = time.perf_counter()
-    steps = sum(toks.shape[1] for toks, _, _ in stream)  # each chunk's tokens come back to the host
-    t2 = time.perf_counter()
-    return {"prefill_s": t1 - t0, "decode_s": t2 - t1, "steps": steps}
+    times = [time.perf_counter() for out in engine.submit(prompt, n=batch_size, max_tokens=decode_tokens,
+                                                           temperature=0.0) if out.index == 0]
+    return {"ttft_s": times[0] - t0, "tpot_s": (times[-1] - times[0]) / (len(times) - 1), "steps": len(times)}
+
+
+def prefill_seconds(engine: Engine, prompt: list[int]) -> float:
+    """The engine's prefill program on the prompt, blocked on."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(engine._prefill(prompt))
+    return time.perf_counter() - t0
 
 
 def main(argv=None) -> dict:
@@ -166,7 +171,16 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--decode-tokens={args.decode_tokens} leaves no room for a prompt in sequence_len="
                          f"{config.sequence_len}")
     prompt = np.random.default_rng(args.seed).integers(0, config.vocab_size, prompt_len).tolist()
-    engine = Engine(params, config, decode_chunk=args.decode_chunk)
+    engines = {}
+
+    def engine_of(batch_size: int) -> Engine:  # as serve.app builds it: B slots of cache_bucket(sequence_len)
+        if batch_size not in engines:
+            engines.clear()  # one KV cache at a time
+            engines[batch_size] = Engine(params, config, max_batch=batch_size, decode_chunk=args.decode_chunk,
+                                         max_len=cache_bucket(config.sequence_len))
+        return engines[batch_size]
+
+    engine = engine_of(1)
 
     kind = device_kind()
     peak_bw = get_peak_bandwidth(kind)
@@ -193,37 +207,40 @@ def main(argv=None) -> dict:
     print(f"Theoretical decode ceiling at batch 1: {'unknown' if ceiling is None else f'{ceiling:,.0f} tok/s'} | "
           f"prompt {prompt_len}, decode {args.decode_tokens}, chunk {args.decode_chunk}")
     print("=" * 100)
-    # the prefill card: batch 1, TTFT ~ prefill, compute-bound, so MFU is its distance from the roofline
-    bench_once(engine, prompt, 1, 2)
-    prefill_s = statistics.median(bench_once(engine, prompt, 1, 2)["prefill_s"] for _ in range(args.repeats))
+    # the prefill card: batch 1, compute-bound, so MFU is its distance from the roofline
+    prefill_seconds(engine, prompt)
+    prefill_s = statistics.median(prefill_seconds(engine, prompt) for _ in range(args.repeats))
     prefill_mfu = None if peak_flops is None else 100 * prefill_flops(config, prompt_len) / prefill_s / peak_flops
     print(f"Prefill (batch 1, {prompt_len} tokens): {prompt_len / prefill_s:,.0f} tok/s | MFU "
           f"{'n/a' if prefill_mfu is None else f'{prefill_mfu:.1f}%'}")
-    header = (f"{'batch':>6} {'TTFT ms':>9} {'TPOT ms':>9} {'tok/s':>10} {'MBU %':>7} {'MFU %':>7} "
-              f"{'peak MiB':>9} {'steps':>6}")
+    header = (f"{'batch':>6} {'TTFT ms':>9} {'TPOT ms':>9} {'tok/s':>10} {'step/b1':>8} "
+              f"{'MBU %':>7} {'MFU %':>7} {'peak MiB':>9} {'steps':>6}")
     print(header)
     print("-" * len(header))
-    sweep = []
+    sweep, tpot_b1 = [], None
     for batch_size in args.batch_sizes:
-        bench_once(engine, prompt, batch_size, args.decode_tokens)  # compile prefill and decode for these shapes
+        engine = engine_of(batch_size)
+        bench_once(engine, prompt, batch_size, args.decode_tokens)  # compile this engine's programs
         runs = [bench_once(engine, prompt, batch_size, args.decode_tokens) for _ in range(args.repeats)]
-        ttft = statistics.median(r["prefill_s"] for r in runs)
-        decode_s = statistics.median(r["decode_s"] for r in runs)
+        ttft, tpot = (statistics.median(r[k] for r in runs) for k in ("ttft_s", "tpot_s"))
+        tpot_b1 = tpot if batch_size == 1 else tpot_b1
         steps = runs[0]["steps"]
-        tpot = decode_s / steps  # one decode step: one token for every row
-        tok_per_sec = batch_size * steps / decode_s
+        tok_per_sec = batch_size / tpot
         mbu = None if peak_bw is None else (w_bytes + batch_size * kv_bytes) / tpot / peak_bw
         mfu = None if peak_flops is None else 100 * batch_size * flops_tok / tpot / peak_flops
+        ratio = None if tpot_b1 is None else round(tpot / tpot_b1, 3)
         mem, mem_kind = peak_memory()
         row = {"batch_size": batch_size, "ttft_sec": round(ttft, 6), "tpot_sec": round(tpot, 6),
-               "tok_per_sec": round(tok_per_sec, 1), "mbu_percent": None if mbu is None else round(100 * mbu, 2),
+               "tok_per_sec": round(tok_per_sec, 1), "step_vs_batch1": ratio,
+               "mbu_percent": None if mbu is None else round(100 * mbu, 2),
                "mfu_percent": None if mfu is None else round(mfu, 4), "peak_memory_bytes": mem,
                "decode_steps": steps, "prefill_tok_per_sec": round(prompt_len / ttft, 1),
                "ms_per_token": round(1e3 * tpot, 4), "mbu": None if mbu is None else round(mbu, 4)}
         sweep.append(row)
         print(f"{batch_size:>6} {1e3 * ttft:>9.1f} {1e3 * tpot:>9.2f} {tok_per_sec:>10,.0f} "
-              f"{'-' if mbu is None else f'{100 * mbu:.1f}':>7} {'-' if mfu is None else f'{mfu:.2f}':>7} "
-              f"{'-' if mem is None else f'{mem / 2**20:,.0f}':>9} {steps:>6}")
+              f"{'-' if ratio is None else f'{ratio:.2f}':>8} {'-' if mbu is None else f'{100 * mbu:.1f}':>7} "
+              f"{'-' if mfu is None else f'{mfu:.2f}':>7} {'-' if mem is None else f'{mem / 2**20:,.0f}':>9} "
+              f"{steps:>6}")
     print("-" * len(header))
     payload = {"source": source, "step": step, "model_config": config.to_dict(), "device": kind,
                "peak_bandwidth_bytes_per_sec": peak_bw, "peak_flops_per_sec": peak_flops, "num_params": num_params,

@@ -131,6 +131,13 @@ def decode_weights_swapped(platform_name: str | None = None) -> bool:
     return (platform_name or platform()) == "cpu"
 
 
+def two_reduction_argmax(platform_name: str | None = None) -> bool:
+    """True on CPU, where greedy decoding takes argmax as a max and then the first index holding it (two plain
+    reductions, the same first-index tie-break): XLA's CPU backend runs its variadic (value, index) reduce slower
+    (README, "Where the CPU time goes"). Elsewhere `jnp.argmax`."""
+    return (platform_name or platform()) == "cpu"
+
+
 def launch_platform() -> str:
     """The platform this process will run on, told before JAX initialises any backend (which on a GPU would
     take its memory): the first entry of `$JAX_PLATFORMS` when set, "gpu" when a CUDA/ROCm plugin is installed and a

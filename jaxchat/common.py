@@ -51,6 +51,13 @@ def setup_logging(level: int = logging.INFO) -> None:
     logger.setLevel(level if is_main_process() else logging.WARNING)
 
 
+def pow2_bucket(n: int, minimum: int = 1, cap: int | None = None) -> int:
+    """The smallest power of two >= n, at least `minimum` and at most `cap`: padded lengths drawn from a few sizes,
+    so that only a few shapes ever compile (prompts, caches, eval and rollout batches)."""
+    size = max(minimum, 1 << max(n - 1, 0).bit_length())
+    return size if cap is None else min(size, cap)
+
+
 def compute_dtype() -> jnp.dtype:
     """dtype for matmuls and activations on the active platform: see `jaxchat.backend.compute_dtype`."""
     from jaxchat import backend

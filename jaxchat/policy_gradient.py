@@ -1,12 +1,12 @@
 """The pure pieces of nanochat's RL (scripts/chat_rl.py): group-mean advantages, the token-level policy-gradient
-loss and its per-row weights, rollout batches, sequence buckets, pass@k. `train.rl` drives them."""
+loss and its per-row weights, rollout batches, pass@k. `train.rl` drives them."""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
 
-MIN_SEQ_BUCKET = 32  # rollouts are right-padded to a power of two >= this many tokens (few compiled shapes)
+MIN_SEQ_BUCKET = 32  # rollouts are right-padded to a power of two >= this many tokens (`pow2_bucket`)
 
 
 def compute_advantages(rewards) -> np.ndarray:
@@ -75,11 +75,6 @@ def rollout_batch(sequences: list[list[int]], masks: list[list[int]], pad_id: in
         n = min(len(s), L + 1)
         ids[i, :n], mask[i, :n] = s[:n], m[:n]
     return ids[:, :-1], np.where(mask[:, 1:] != 0, ids[:, 1:], -1).astype(np.int32)
-
-
-def seq_bucket(n: int, cap: int) -> int:
-    """Padded input length: the next power of two >= n (at least MIN_SEQ_BUCKET), at most cap."""
-    return min(cap, max(MIN_SEQ_BUCKET, 1 << max(n - 1, 0).bit_length()))
 
 
 def pass_at_k(outcomes: list[list[bool]], k_max: int) -> np.ndarray:

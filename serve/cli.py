@@ -29,25 +29,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def stream_reply(engine: Engine, tokenizer, tokens: list[int], args, seed: int, out=sys.stdout) -> list[int]:
-    """Generate one reply to `tokens`, printing text as it arrives. Returns the reply's tokens (terminal included
-    when the model emitted one)."""
-    reply: list[int] = []
-    shown = 0
-    for column, _ in engine.generate(tokens, num_samples=1, max_tokens=args.max_tokens,
-                                     temperature=args.temperature, top_k=args.top_k, seed=seed):
-        reply.append(column[0])
-        if column[0] in (engine.assistant_end, engine.bos):
-            break
-        text = tokenizer.decode(reply)
-        if not text.endswith("\ufffd"):  # hold back a multi-byte character until it is complete
-            out.write(text[shown:])
-            out.flush()
-            shown = len(text)
-    text = tokenizer.decode([t for t in reply if t not in (engine.assistant_end, engine.bos)])
-    out.write(text[shown:] + "\n")
+def stream_reply(engine: Engine, tokens: list[int], args, seed: int, out=sys.stdout) -> str:
+    """Generate one reply to `tokens`, printing its text as the engine decodes it; returns the text."""
+    text = ""
+    for o in engine.submit(tokens, max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                           seed=seed):
+        out.write(o.text)
+        out.flush()
+        text += o.text
+    out.write("\n")
     out.flush()
-    return reply
+    return text
 
 
 def main(argv=None, input_fn=input) -> None:
@@ -56,19 +48,13 @@ def main(argv=None, input_fn=input) -> None:
 
     params, config, tokenizer, meta = load_model_from(args.source, args.model_tag, args.step)
     engine = Engine(params, config, tokenizer)
-    bos = tokenizer.get_bos_token_id()
-    user_start, user_end = tokenizer.encode_special("<|user_start|>"), tokenizer.encode_special("<|user_end|>")
-    assistant_start = tokenizer.encode_special("<|assistant_start|>")
     chat = args.source != "base"
 
     if not args.prompt:  # one-shot output is only the answer, for scripts and pipes
-        print(f"\njaxchat {args.source} model (step {meta.get('step', '?')}), "
-              f"{'chat' if chat else 'text continuation'} mode")
-        print("-" * 50)
-        print("Type 'quit' or 'exit' to end, 'clear' to start over")
-        print("-" * 50)
-    conversation = [bos]
-    turn = 0
+        mode = "chat" if chat else "text continuation"
+        print(f"\njaxchat {args.source} model (step {meta.get('step', '?')}), {mode} mode\n{'-' * 50}\n"
+              f"Type 'quit' or 'exit' to end, 'clear' to start over\n{'-' * 50}")
+    messages, turn = [], 0  # the chat so far, rendered by the tokenizer each turn
     while True:
         if args.prompt:
             user_input = args.prompt
@@ -82,28 +68,28 @@ def main(argv=None, input_fn=input) -> None:
             print("Goodbye!")
             break
         if user_input.lower() == "clear":
-            conversation = [bos]
+            messages = []
             print("Conversation cleared.")
             continue
         if not user_input:
             continue
 
-        if chat:
-            turn_tokens = [user_start, *tokenizer.encode(user_input), user_end, assistant_start]
-            if len(conversation) + len(turn_tokens) + args.max_tokens > config.sequence_len:
+        if chat:  # the conversation, rendered by the tokenizer for the next assistant turn
+            messages.append({"role": "user", "content": user_input})
+            render = lambda: tokenizer.render_for_completion(  # noqa: E731
+                {"messages": messages + [{"role": "assistant", "content": ""}]}, max_tokens=1 << 30)
+            prompt = render()
+            if len(prompt) + args.max_tokens > config.sequence_len and len(messages) > 1:
                 print(f"(context of {config.sequence_len} tokens is full: starting a new conversation)")
-                conversation = [bos]
-            conversation += turn_tokens
+                messages = messages[-1:]
+                prompt = render()
             if not args.prompt:
                 print("\nAssistant: ", end="", flush=True)
-            reply = stream_reply(engine, tokenizer, conversation, args, args.seed + turn)
-            # the conversation must close the turn even when the reply ran out of tokens
-            if not reply or reply[-1] != engine.assistant_end:
-                reply.append(engine.assistant_end)
-            conversation += reply
+            messages.append({"role": "assistant", "content": stream_reply(engine, prompt, args, args.seed + turn)})
         else:  # a base model continues the text: bos + text, every input independent
             print(user_input, end="", flush=True)
-            stream_reply(engine, tokenizer, tokenizer.encode(user_input, prepend=bos), args, args.seed + turn)
+            stream_reply(engine, tokenizer.encode(user_input, prepend=tokenizer.get_bos_token_id()), args,
+                         args.seed + turn)
         turn += 1
         if args.prompt:
             break

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from serve.app import Defaults, Worker, WorkerPool, create_app, serve_in_thread
+from serving import FakeEngine, serve_in_thread
+from serve.app import Defaults, create_app
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 REPLIES = ["Hello! I am a tiny fake model, streaming one byte at a time. Ünïcödé 😀 works too.",
@@ -31,20 +31,17 @@ def _find(*names):
     return None
 
 
-class ScriptedEngine:
-    """Streams the next reply of REPLIES (cycling) as byte tokens, `delay` s per token."""
+class ScriptedEngine(FakeEngine):
+    """Streams the next reply of REPLIES (cycling) as byte tokens, `delay` s per token; `prompts` records them."""
 
-    def __init__(self, delay):
-        self.delay, self.n, self.prompts = delay, 0, []
-        self.lock = threading.Lock()
+    def __init__(self, tok, delay):
+        self.n, self.prompts = 0, []
+        super().__init__(tok, self.next_reply, delay=delay)
 
-    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
-        with self.lock:
-            reply, self.n = REPLIES[self.n % len(REPLIES)], self.n + 1
-            self.prompts.append(list(tokens))
-        for b in reply.encode("utf-8")[:max_tokens]:
-            time.sleep(self.delay)
-            yield [b], [1]
+    def next_reply(self, tokens):
+        reply, self.n = REPLIES[self.n % len(REPLIES)], self.n + 1
+        self.prompts.append(list(tokens))
+        return list(reply.encode("utf-8"))
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +77,8 @@ def server():
     from jaxchat.tokenizer import Tokenizer
 
     tok = Tokenizer.train_from_iterator(["hello world, a tiny fake model answers. " * 30], vocab_size=280)
-    engine = ScriptedEngine(delay=0.015)
-    app = create_app(WorkerPool([Worker(gpu=0, engine=engine)]), tok, Defaults(model="fake/d0"))
+    engine = ScriptedEngine(tok, delay=0.015)
+    app = create_app(engine, tok, Defaults(model="fake/d0"))
     srv, url = serve_in_thread(app)
     yield url, engine, tok
     srv.shutdown()

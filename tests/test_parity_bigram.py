@@ -118,9 +118,13 @@ def test_engine_greedy_decode_matches_nanochat(ref):
     ids from the 8th on (the fixtures' manifest)."""
     greedy = ref["greedy"]
     step_logits = np.load(FIXTURE / "greedy_logits.npz")["engine_step_logits"]
-    ids, logits = Engine(ref["params"], CONFIG, decode_chunk=8).generate_with_logits(
-        greedy["prompt"], max_tokens=greedy["max_tokens"])
+    from test_engine import engine_step_logits
+
+    engine = Engine(ref["params"], CONFIG, max_len=96, decode_chunk=8)
+    ids, logits = engine_step_logits(engine, greedy["prompt"], greedy["max_tokens"])
     assert ids == greedy["engine"]
+    seqs, _ = engine.generate_batch(greedy["prompt"], max_tokens=greedy["max_tokens"], temperature=0.0)
+    assert seqs[0][len(greedy["prompt"]):] == greedy["engine"]  # and across decode chunks (8 tokens each)
     np.testing.assert_allclose(logits, step_logits, atol=LOGITS_ATOL, rtol=0)
 
 

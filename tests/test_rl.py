@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxchat.policy_gradient import compute_advantages, pass_at_k, pg_loss, pg_row_weights, rollout_batch, seq_bucket
+from jaxchat.policy_gradient import compute_advantages, pass_at_k, pg_loss, pg_row_weights, rollout_batch
 
 GSM_ROWS = [
     {"question": "Tom has 3 apples and buys 2 more. How many apples does he have?",
@@ -84,7 +84,10 @@ def test_rollout_batch_masks_prompt_and_tool_tokens():
     np.testing.assert_array_equal(y, [[-1, 3, -1, 5], [-1, 3, 9, -1]])
     x, y = rollout_batch(seqs, masks, pad_id=99, length=6)
     assert x.shape == y.shape == (2, 6) and (x[1, 4:] == 99).all() and (y[1, 3:] == -1).all()
-    assert seq_bucket(5, 2048) == 32 and seq_bucket(33, 2048) == 64 and seq_bucket(3000, 2048) == 2048
+    from jaxchat.common import pow2_bucket
+    from jaxchat.policy_gradient import MIN_SEQ_BUCKET
+
+    assert [pow2_bucket(n, MIN_SEQ_BUCKET, 2048) for n in (5, 33, 3000)] == [32, 64, 2048]
 
 
 def test_pass_at_k():

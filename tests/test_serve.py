@@ -1,7 +1,8 @@
 """Chat server (serve/app.py, serve/loadtest.py): API contract, limits, streaming, pool, disconnects.
 
-Engines are fakes that stream a scripted token list (byte tokens, so multi-byte characters really arrive split);
-the tokenizer is a real one trained in a fixture. One test drives the real Engine over a tiny random model.
+The engine is a fake that streams a scripted token list (byte tokens, so multi-byte characters really arrive split)
+through the engine's own `Request` (tests/fake_engine.py); the tokenizer is a real one trained in a fixture. Some
+tests drive the real Engine over a tiny random model.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import time
 
 import pytest
 
+from serving import FakeEngine, serve_in_thread
 from serve import app as serve_app
-from serve.app import Defaults, Worker, WorkerPool, create_app, render_prompt, serve_in_thread
+from serve.app import Defaults, create_app
 from serve.loadtest import run_loadtest
 
 
@@ -30,41 +32,32 @@ def tok():
     return t
 
 
-class FakeEngine:
-    """Engine.generate's contract over a fixed script of token ids, `delay` seconds per token. `fail_at` raises
-    mid-stream; `closed` counts generators closed (normally or by GeneratorExit)."""
-
-    def __init__(self, script, delay=0.0, fail_at=None):
-        self.script, self.delay, self.fail_at = list(script), delay, fail_at
-        self.calls, self.closed = [], 0
-        self.started = threading.Event()
-
-    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
-        self.calls.append(dict(tokens=list(tokens), num_samples=num_samples, max_tokens=max_tokens,
-                               temperature=temperature, top_k=top_k, seed=seed))
-        self.started.set()
-        try:
-            for i, t in enumerate(self.script[:max_tokens]):
-                if self.delay:
-                    time.sleep(self.delay)
-                if i == self.fail_at:
-                    raise RuntimeError("device on fire")
-                yield [t], [1]
-        finally:
-            self.closed += 1
-
-
 def byte_ids(text: str) -> list[int]:
     return list(text.encode("utf-8"))
 
 
 def make(tok, script=None, n=1, max_queue=4, wait_timeout=10.0, defaults=None, **kw):
-    script = byte_ids("Hello there!") if script is None else script
-    engines = [FakeEngine(script, **kw) for _ in range(n)]
-    pool = WorkerPool([Worker(gpu=i, engine=e) for i, e in enumerate(engines)], max_queue=max_queue,
-                      wait_timeout=wait_timeout)
-    app = create_app(pool, tok, defaults or Defaults(model="fake/d0"))
-    return app, pool, engines
+    """The app over one FakeEngine of n slots."""
+    eng = FakeEngine(tok, byte_ids("Hello there!") if script is None else script, max_batch=n, max_queue=max_queue,
+                     **kw)
+    defaults = defaults or Defaults(model="fake/d0")
+    defaults.wait_timeout = wait_timeout
+    return create_app(eng, tok, defaults), eng
+
+
+def free(eng):
+    return eng.max_batch - eng.busy_slots
+
+
+def wait_for(cond, seconds=10.0):
+    t0 = time.time()
+    while not cond() and time.time() - t0 < seconds:
+        time.sleep(0.01)
+    return cond()
+
+
+def render(tok, msgs):
+    return tok.render_for_completion({"messages": msgs + [{"role": "assistant", "content": ""}]})
 
 
 def parse_events(data: bytes) -> list[dict]:
@@ -91,7 +84,7 @@ def convo(n, length=1):
 # ---------------------------------------------------------------------------------------------------------- streaming
 
 def test_stream_tokens_and_prompt_rendering(tok):
-    app, pool, (eng,) = make(tok)
+    app, eng = make(tok)
     c = app.test_client()
     msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi!"},
             {"role": "user", "content": "the fox"}]
@@ -105,34 +98,34 @@ def test_stream_tokens_and_prompt_rendering(tok):
     expected = ([tok.get_bos_token_id(), s("<|user_start|>"), *tok.encode("hello"), s("<|user_end|>"),
                  s("<|assistant_start|>"), *tok.encode("hi!"), s("<|assistant_end|>"),
                  s("<|user_start|>"), *tok.encode("the fox"), s("<|user_end|>"), s("<|assistant_start|>")])
-    assert eng.calls[0]["tokens"] == expected == render_prompt(tok, msgs)
+    assert eng.calls[0]["tokens"] == expected == render(tok, msgs)
     # defaults as nanochat's chat_web: temperature 0.8, top-k 50, 512 tokens
     assert (eng.calls[0]["temperature"], eng.calls[0]["top_k"], eng.calls[0]["max_tokens"]) == (0.8, 50, 512)
-    assert pool.available == 1
+    assert wait_for(lambda: free(eng) == 1)
 
 
 def test_request_sampling_params_reach_engine(tok):
-    app, _, (eng,) = make(tok)
+    app, eng = make(tok)
     c = app.test_client()
     evs = parse_events(post(c, {**user(), "temperature": 0, "top_k": 0, "max_tokens": 5}).get_data())
     assert "".join(e.get("token", "") for e in evs) == "Hello"  # cut at max_tokens
     call = eng.calls[0]
     assert call["temperature"] == 0.0 and call["top_k"] is None and call["max_tokens"] == 5  # top_k 0 = all
-    assert call["num_samples"] == 1
+    assert call["n"] == 1
 
 
 @pytest.mark.parametrize("stop", ["<|assistant_end|>", "<|bos|>"])
 def test_generation_stops_at_assistant_end_or_bos(tok, stop):
     script = byte_ids("ok") + [tok.encode_special(stop)] + byte_ids("LEAKED")
-    app, pool, (eng,) = make(tok, script=script)
+    app, eng = make(tok, script=script)
     evs = parse_events(post(app.test_client(), user()).get_data())
     assert "".join(e.get("token", "") for e in evs) == "ok" and evs[-1] == {"done": True}
-    assert eng.closed == 1 and pool.available == 1
+    assert wait_for(lambda: eng.closed == 1 and free(eng) == 1)
 
 
 def test_multibyte_characters_arrive_whole(tok):
     text = "héllo 😀 世界 ok"
-    app, _, _ = make(tok, script=byte_ids(text))
+    app, _ = make(tok, script=byte_ids(text))
     evs = parse_events(post(app.test_client(), user()).get_data())
     pieces = [e["token"] for e in evs[:-1]]
     assert "".join(pieces) == text
@@ -142,19 +135,19 @@ def test_multibyte_characters_arrive_whole(tok):
 
 
 def test_unicode_in_request(tok):
-    app, _, (eng,) = make(tok)
+    app, eng = make(tok)
     r = post(app.test_client(), user("Grüße 🌍 — 你好"))
     assert r.status_code == 200
     assert tok.decode(eng.calls[0]["tokens"]).count("Grüße 🌍 — 你好") == 1
 
 
 def test_engine_failure_midstream_reports_error_and_frees_worker(tok):
-    app, pool, (eng,) = make(tok, fail_at=3)
+    app, eng = make(tok, fail_at=3)
     c = app.test_client()
     evs = parse_events(post(c, user()).get_data())
     assert "".join(e.get("token", "") for e in evs) == "Hel"
     assert "error" in evs[-2] and evs[-1] == {"done": True}
-    assert pool.available == 1
+    assert wait_for(lambda: free(eng) == 1)
     eng.fail_at = None
     assert post(c, user()).status_code == 200  # still serving
 
@@ -181,7 +174,7 @@ LIMIT_CASES = [
 @pytest.mark.parametrize("change,ok", LIMIT_CASES,
                          ids=[f"{'ok' if ok else 'bad'}-{i}" for i, (_, ok) in enumerate(LIMIT_CASES)])
 def test_limits(tok, change, ok):
-    app, pool, (eng,) = make(tok, script=byte_ids("ok"))
+    app, eng = make(tok, script=byte_ids("ok"))
     r = post(app.test_client(), {**user(), **change})
     if ok:
         assert r.status_code == 200, r.get_json()
@@ -190,7 +183,7 @@ def test_limits(tok, change, ok):
         assert r.status_code == 400
         assert isinstance(r.get_json()["error"], str) and r.get_json()["error"]
         assert eng.calls == []  # refused before reaching the engine
-    assert pool.available == 1
+    assert wait_for(lambda: free(eng) == 1)
 
 
 MALFORMED = [
@@ -220,7 +213,7 @@ MALFORMED = [
 
 @pytest.mark.parametrize("name,body", MALFORMED, ids=[m[0] for m in MALFORMED])
 def test_malformed_bodies_get_400_json(tok, name, body):
-    app, pool, (eng,) = make(tok)
+    app, eng = make(tok)
     c = app.test_client()
     if isinstance(body, str) and name == "not json":
         r = c.post("/chat/completions", data=body, content_type="application/json")
@@ -232,7 +225,7 @@ def test_malformed_bodies_get_400_json(tok, name, body):
 
 
 def test_wrong_content_type_nan_and_lone_surrogate(tok):
-    app, _, (eng,) = make(tok)
+    app, eng = make(tok)
     c = app.test_client()
     r = c.post("/chat/completions", data=json.dumps(user()), content_type="text/plain")
     assert r.status_code == 400 and "Content-Type" in r.get_json()["error"]
@@ -247,11 +240,11 @@ def test_wrong_content_type_nan_and_lone_surrogate(tok):
     assert c.get("/chat/completions").status_code == 405
     assert c.get("/nope").get_json()["error"]
     assert eng.calls == []
-    assert app.extensions["jaxchat_stats"].requests_invalid == 4  # the 413 counts too
+    assert app.extensions["jaxchat_stats"].snapshot()["requests_invalid"] == 4  # the 413 counts too
 
 
 def test_context_limit(tok):
-    app, _, (eng,) = make(tok, defaults=Defaults(max_context=40))
+    app, eng = make(tok, defaults=Defaults(max_context=40))
     c = app.test_client()
     assert post(c, user("x" * 100)).status_code == 400  # 100 byte-ish tokens > 40
     r = post(c, {**user("hello"), "max_tokens": 4096})
@@ -260,79 +253,77 @@ def test_context_limit(tok):
     assert eng.calls[0]["max_tokens"] == 40 - prompt_len  # cut to the room left
 
 
-# ------------------------------------------------------------------------------------------------- pool, 503, disconnect
+# ---------------------------------------------------------------------------------------------- slots, 503, disconnect
 
-def test_saturated_pool_answers_503_with_retry_after(tok):
-    app, pool, _ = make(tok, n=1, max_queue=0)
+LONG = byte_ids("a long reply " * 50)  # with delay=0.01: a stream that holds its slot for seconds
+
+
+def test_full_queue_answers_503_with_retry_after(tok):
+    app, eng = make(tok, script=LONG, delay=0.01, n=1, max_queue=0)
     c = app.test_client()
-    first = post(c, user(), buffered=False)  # holds the only worker until its stream is closed
-    assert first.status_code == 200 and pool.available == 0
+    first = post(c, user(), buffered=False)  # holds the only slot until its stream ends or is closed
+    assert first.status_code == 200 and free(eng) == 0
     busy = post(c, user())
     assert busy.status_code == 503 and busy.headers["Retry-After"] == "5" and "busy" in busy.get_json()["error"]
     assert c.get("/stats").get_json()["requests_rejected"] == 1
-    assert parse_events(first.get_data())[-1] == {"done": True}
-    first.close()
-    assert pool.available == 1 and post(c, user()).status_code == 200
+    first.close()  # the client goes away: the request is cancelled and its slot freed
+    assert wait_for(lambda: free(eng) == 1) and post(c, user()).status_code == 200
 
 
 def test_bounded_wait_queue(tok):
-    app, pool, (eng,) = make(tok, n=1, max_queue=1)
+    app, eng = make(tok, script=LONG, delay=0.01, n=1, max_queue=1)
     c = app.test_client()
-    first = post(c, user(), buffered=False)  # the test client pulls one event; the stream stays suspended
+    first = post(c, user(), buffered=False)
     results = {}
     waiter = threading.Thread(target=lambda: results.setdefault("r", post(app.test_client(), user())))
     waiter.start()
-    for _ in range(200):  # until the second request is waiting in line
-        if pool.waiting == 1:
-            break
-        time.sleep(0.01)
+    assert wait_for(lambda: eng.queued == 1)  # the second request waits in the engine's queue
     stats = c.get("/stats").get_json()
-    assert stats["queue"] == 1 and stats["busy"] == 1 and stats["available"] == 0
+    assert (stats["queue"], stats["slots_busy"], stats["slots_free"], stats["max_queue"]) == (1, 1, 0, 1)
     assert post(c, user()).status_code == 503  # 1 running + 1 waiting = full
-    assert parse_events(first.get_data())[-1] == {"done": True}
     first.close()
-    waiter.join(10)
+    waiter.join(30)
     assert results["r"].status_code == 200 and parse_events(results["r"].get_data())[-1] == {"done": True}
-    assert pool.available == 1 and pool.waiting == 0
+    assert wait_for(lambda: free(eng) == 1 and eng.queued == 0)
 
 
 def test_wait_timeout_gives_503(tok):
-    app, pool, _ = make(tok, n=1, max_queue=2, wait_timeout=0.2)
+    app, eng = make(tok, script=LONG, delay=0.01, n=1, max_queue=2, wait_timeout=0.2)
     c = app.test_client()
     first = post(c, user(), buffered=False)
     r = post(c, user())
-    assert r.status_code == 503 and "Retry-After" in r.headers
+    assert r.status_code == 503 and "Retry-After" in r.headers and "no slot" in r.get_json()["error"]
     first.close()
-    assert pool.available == 1 and pool.waiting == 0
+    assert wait_for(lambda: free(eng) == 1 and eng.queued == 0)  # the timed-out request left the queue
 
 
-def test_closing_stream_midway_frees_worker(tok):
-    app, pool, (eng,) = make(tok, script=byte_ids("a long reply " * 50))
+def test_closing_stream_midway_frees_slot(tok):
+    app, eng = make(tok, script=LONG, delay=0.002)
     c = app.test_client()
     r = post(c, user(), buffered=False)
     it = iter(r.response)
     first = parse_events(next(it))
-    assert first[0]["token"] == "a" and pool.available == 0
+    assert first[0]["token"] == "a" and free(eng) == 0
     r.close()  # what the WSGI server does when the client goes away
-    assert pool.available == 1 and eng.closed == 1
+    assert wait_for(lambda: free(eng) == 1 and eng.closed == 1)
     s = c.get("/stats").get_json()
     assert s["client_disconnects"] == 1 and s["requests_active"] == 0 and s["requests_served"] == 0
 
 
-def test_unstarted_stream_closed_frees_worker(tok):
+def test_unstarted_stream_closed_frees_slot(tok):
     from werkzeug.test import EnvironBuilder
 
-    app, pool, (eng,) = make(tok)
+    app, eng = make(tok, script=LONG, delay=0.01)
     environ = EnvironBuilder(method="POST", path="/chat/completions", json=user()).get_environ()
     app_iter = app(environ, lambda status, headers, exc_info=None: None)  # raw WSGI: nothing iterated yet
-    assert pool.available == 0 and eng.calls == []
-    app_iter.close()  # an unstarted generator skips its finally: close() itself must release the worker
-    assert pool.available == 1
+    assert free(eng) == 0 and len(eng.calls) == 1
+    app_iter.close()  # an unstarted generator skips its finally: close() itself must cancel the request
+    assert wait_for(lambda: free(eng) == 1)
     assert app.extensions["jaxchat_stats"].snapshot()["requests_active"] == 0
 
 
 def test_socket_disconnect_frees_slot_on_real_server(tok):
-    app, pool, (eng,) = make(tok, script=byte_ids("z" * 3000), delay=0.003)
+    app, eng = make(tok, script=byte_ids("z" * 3000), delay=0.003)
     server, url = serve_in_thread(app)
     try:
         port = server.server_port
@@ -340,17 +331,14 @@ def test_socket_disconnect_frees_slot_on_real_server(tok):
         conn.request("POST", "/chat/completions", body=json.dumps(user()), headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
         assert resp.status == 200 and resp.readline().startswith(b"data: ")
-        assert pool.available == 0
+        assert free(eng) == 0
         resp.close()  # the response owns the socket (the server sends Connection: close): this hangs up
         conn.close()
-        t0 = time.time()
-        while pool.available == 0 and time.time() - t0 < 8:
-            time.sleep(0.02)
-        assert pool.available == 1, "worker not released after client disconnect"
+        assert wait_for(lambda: free(eng) == 1, 8), "slot not released after client disconnect"
         assert eng.closed == 1 and len(eng.calls) == 1
         # it stopped early: far fewer than 3000 tokens counted
-        stats = json.loads(_get(port, "/stats"))
-        assert stats["client_disconnects"] == 1 and stats["tokens_generated"] < 3000
+        assert wait_for(lambda: json.loads(_get(port, "/stats"))["client_disconnects"] == 1)
+        assert json.loads(_get(port, "/stats"))["tokens_generated"] < 3000
     finally:
         server.shutdown()
 
@@ -366,7 +354,7 @@ def _get(port, path):
 # ------------------------------------------------------------------------------------------------ pages and counters
 
 def test_index_health_stats(tok):
-    app, _, _ = make(tok, n=2)
+    app, _ = make(tok, n=2, num_devices=2)
     c = app.test_client()
     page = c.get("/")
     html = page.get_data(as_text=True)
@@ -382,11 +370,12 @@ def test_index_health_stats(tok):
     s = c.get("/stats").get_json()
     assert s["requests_served"] == 3 and s["requests_active"] == 0
     assert s["tokens_generated"] == 3 * len("Hello there!") and s["tokens_per_sec"] > 0
-    assert s["queue"] == 0 and s["replicas"] == 2 and s["available"] == 2
+    assert s["queue"] == 0 and s["replicas"] == 2 and s["slots"] == 2
+    assert wait_for(lambda: c.get("/stats").get_json()["slots_free"] == 2)
 
 
 def test_logging_truncates_and_omits_headers(tok, caplog):
-    app, _, _ = make(tok)
+    app, _ = make(tok)
     caplog.set_level(logging.INFO, logger="jaxchat.serve")
     body = user("START" + "x" * 1000 + "TAILMARK")
     r = post(app.test_client(), body, headers={"Authorization": "Bearer sekrit-token", "Cookie": "sid=cookie-val"})
@@ -400,7 +389,7 @@ def test_logging_truncates_and_omits_headers(tok, caplog):
 # ---------------------------------------------------------------------------------------------- concurrency, load
 
 def test_many_concurrent_clients_on_real_server(tok):
-    app, pool, engines = make(tok, n=4, max_queue=64, script=byte_ids("concurrent reply é😀"), delay=0.001)
+    app, eng = make(tok, n=4, max_queue=64, script=byte_ids("concurrent reply é😀"), delay=0.001)
     server, url = serve_in_thread(app)
     try:
         summary = run_loadtest(url, concurrency=32, num_requests=64, duration=60, max_tokens=32, timeout=30)
@@ -412,8 +401,8 @@ def test_many_concurrent_clients_on_real_server(tok):
     assert summary["ttft_p50_s"] is not None and summary["ttft_p95_s"] >= summary["ttft_p50_s"]
     # the fake engine sleeps 1 ms per token; events can reach a busy client together, so only the p95 must show it
     assert 0 <= summary["itl_p50_s"] <= summary["itl_p95_s"] and summary["itl_p95_s"] >= 0.001
-    assert sum(len(e.calls) for e in engines) == 64 and all(e.calls for e in engines)  # spread over replicas
-    assert pool.available == 4
+    assert len(eng.calls) == 64 and eng.slots_used == {0, 1, 2, 3}  # spread over the slots
+    assert wait_for(lambda: free(eng) == 4)
 
 
 def test_loadtest_refuses_non_loopback():
@@ -436,24 +425,21 @@ def test_cli_defaults_match_nanochat():
         serve_app.build_parser().parse_args(["-i", "mid"])
 
 
-def test_build_workers_one_replica_per_device():
+def test_build_engine_splits_slots_over_devices(tok):
     import jax
-    import jax.numpy as jnp
+
+    from jaxchat.model import GPTConfig, init_params
 
     n = min(2, len(jax.devices()))
-
-    class Recorder:
-        def __init__(self, params, config, tokenizer):
-            self.params = params
-
-    params = {"w": jnp.ones((4, 4)), "h": [{"b": jnp.zeros(3)}]}
-    workers = serve_app.build_workers(params, None, None, n, engine_cls=Recorder)
-    assert [w.gpu for w in workers] == list(range(n))
-    for w, dev in zip(workers, jax.devices()[:n]):
-        assert w.device == dev
-        assert all(leaf.devices() == {dev} for leaf in jax.tree.leaves(w.engine.params))
+    config = GPTConfig(sequence_len=64, vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2, n_kv_head=2,
+                       n_embd=32, window_pattern="L")
+    engine = serve_app.build_engine(init_params(config, jax.random.PRNGKey(0)), config, tok, n, max_batch=2)
+    assert (engine.max_batch, engine.num_devices) == (2 * n, n)
+    assert [engine.device_of(s) for s in range(2 * n)] == [d for d in range(n) for _ in range(2)]
+    assert all(leaf.sharding.device_set == set(jax.devices()[:n]) and leaf.sharding.is_fully_replicated
+               for leaf in jax.tree.leaves(engine.params))
     with pytest.raises(ValueError, match="--num-devices"):
-        serve_app.build_workers(params, None, None, len(jax.devices()) + 1, engine_cls=Recorder)
+        serve_app.build_engine({}, config, tok, len(jax.devices()) + 1)
 
 
 def test_main_rejects_out_of_range_defaults():
@@ -464,7 +450,7 @@ def test_main_rejects_out_of_range_defaults():
 
 def test_main_serves_a_real_checkpoint(tok, tmp_path, monkeypatch):
     """`python -m serve.app` end to end minus the socket: a tiny random checkpoint saved with jaxchat.checkpoint,
-    loaded through load_model_from, the real Engine on two device replicas."""
+    loaded through load_model_from, the real Engine with its slots on two devices."""
     import jax
     import werkzeug.serving
 
@@ -484,29 +470,29 @@ def test_main_serves_a_real_checkpoint(tok, tmp_path, monkeypatch):
     assert (served["host"], served["port"], served["threaded"]) == ("127.0.0.1", 8123, True)
     c = served["app"].test_client()
     assert c.get("/health").get_json() == {"status": "ok", "ready": True, "model": "sft/d1@3", "replicas": n,
-                                           "available": 2 * n}  # two slots per replica
-    replicas_used = set()
+                                           "available": 2 * n}  # two slots per device
     for _ in range(2):
         r = post(c, {**user("hello world"), "temperature": 0.0})
         assert r.status_code == 200
         evs = parse_events(r.get_data())
         assert evs[-1] == {"done": True} and not any("error" in e for e in evs), evs
-        assert all(isinstance(e["token"], str) and e["token"] for e in evs[:-1])
-        replicas_used |= {e["gpu"] for e in evs[:-1]}
+        assert all(isinstance(e["token"], str) and e["token"] and e["gpu"] == 0 for e in evs[:-1])
+    assert wait_for(lambda: c.get("/stats").get_json()["slots_free"] == 2 * n)
     stats = c.get("/stats").get_json()
-    assert stats["requests_served"] == 2 and stats["available"] == 2 * n and stats["tokens_generated"] <= 16
-    assert (stats["slots"], stats["slots_free"], stats["slots_busy"], stats["engine_queue"]) == (2 * n, 2 * n, 0, 0)
-    # greedy decoding of a random model either stops at once or emits tokens; when it emits, the pool's FIFO order
-    # sends the two requests to different replicas
-    if stats["tokens_generated"] and n == 2:
-        assert replicas_used == {0, 1}
+    assert stats["requests_served"] == 2 and stats["tokens_generated"] <= 16
+    assert (stats["slots"], stats["slots_free"], stats["slots_busy"], stats["queue"]) == (2 * n, 2 * n, 0, 0)
+    # all slots at once: the requests' "gpu" is the device of their slot, each device holding two
+    engine = served["app"].extensions["jaxchat_engine"]
+    reqs = [engine.submit([1, 2, 3], max_tokens=8, temperature=0.0) for _ in range(2 * n)]
+    assert all(r.admitted.wait(30) for r in reqs)
+    assert [engine.device_of(s) for r in reqs for s in r.slots] == [d for d in range(n) for _ in range(2)]
     assert post(c, user("x" * 200)).status_code == 400  # longer than the model's 64-token context
 
 
 # ------------------------------------------------------------------------------------- hardening (issue 17 section 3)
 
 def test_deeply_nested_json_is_400_not_500(tok):
-    app, _, (eng,) = make(tok)
+    app, eng = make(tok)
     c = app.test_client()
     for path in ("/chat/completions", "/v1/chat/completions"):
         r = c.post(path, data="[" * 100_000, content_type="application/json")
@@ -517,7 +503,7 @@ def test_deeply_nested_json_is_400_not_500(tok):
 
 
 def test_huge_integer_max_tokens_is_400_with_reason(tok):
-    app, _, (eng,) = make(tok)
+    app, eng = make(tok)
     c = app.test_client()
     body = '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": %s}' % ("9" * 400)
     for path in ("/chat/completions", "/v1/chat/completions"):
@@ -530,7 +516,7 @@ def test_huge_integer_max_tokens_is_400_with_reason(tok):
 
 
 def test_oversized_chunked_body_is_413_on_real_server(tok):
-    app, pool, (eng,) = make(tok)
+    app, eng = make(tok)
     server, _ = serve_in_thread(app)
     try:
         for path in ("/chat/completions", "/v1/chat/completions"):
@@ -556,7 +542,7 @@ def test_oversized_chunked_body_is_413_on_real_server(tok):
 
 
 def test_user_content_cannot_forge_log_lines(tok, caplog):
-    app, _, _ = make(tok)
+    app, _ = make(tok)
     caplog.set_level(logging.INFO, logger="jaxchat.serve")
     forged = "hi\n2026-12-01 12:00:00 INFO jaxchat.serve: [deadbeef] [ADMIN] forged\r\u2028\x1b[31m\\n"
     post(app.test_client(), user(forged)).get_data()
@@ -575,7 +561,7 @@ def test_main_runs_under_run_cli():
 # ------------------------------------------------------------------------------------------ OpenAI-compatible API
 
 def test_openai_system_message_rendered_as_nanochat(tok):
-    app, _, (eng,) = make(tok)
+    app, eng = make(tok)
     c = app.test_client()
     msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "hello"},
             {"role": "assistant", "content": "hi!"}, {"role": "user", "content": "the fox"}]
@@ -583,7 +569,7 @@ def test_openai_system_message_rendered_as_nanochat(tok):
     assert r.status_code == 200
     want = tok.render_for_completion({"messages": msgs + [{"role": "assistant", "content": ""}]})
     merged = [{"role": "user", "content": "You are terse.\n\nhello"}] + msgs[2:]
-    assert eng.calls[0]["tokens"] == render_prompt(tok, merged) == want
+    assert eng.calls[0]["tokens"] == render(tok, merged) == want
     out = r.get_json()
     assert out["object"] == "chat.completion" and out["id"].startswith("chatcmpl-") and out["model"] == "fake/d0"
     assert out["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "Hello there!"},
@@ -594,7 +580,7 @@ def test_openai_system_message_rendered_as_nanochat(tok):
 @pytest.mark.parametrize("stream", [False, True])
 def test_openai_stop_strings_and_finish_reasons(tok, stream):
     script = byte_ids("Hello there! General") + [tok.encode_special("<|assistant_end|>")]
-    app, _, (eng,) = make(tok, script=script)
+    app, eng = make(tok, script=script)
     c = app.test_client()
 
     def ask(**kw):
@@ -631,17 +617,17 @@ OPENAI_BAD = [
 
 @pytest.mark.parametrize("change,param", OPENAI_BAD, ids=[f"{i}-{p}" for i, (_, p) in enumerate(OPENAI_BAD)])
 def test_openai_errors_have_openai_shape(tok, change, param):
-    app, pool, (eng,) = make(tok)
+    app, eng = make(tok)
     r = app.test_client().post("/v1/chat/completions", json={**user(), **change})
     assert r.status_code == 400
     err = r.get_json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
     assert err["param"] == param and err["message"]
-    assert eng.calls == [] and pool.available == 1
+    assert eng.calls == [] and free(eng) == 1
 
 
 def test_openai_not_found_busy_and_models(tok):
-    app, pool, _ = make(tok, n=1, max_queue=0)
+    app, eng = make(tok, script=LONG, delay=0.01, n=1, max_queue=0)
     c = app.test_client()
     r = c.get("/v1/nope")
     assert r.status_code == 404 and r.get_json()["error"]["code"] == "not_found"
@@ -653,13 +639,12 @@ def test_openai_not_found_busy_and_models(tok):
     busy = c.post("/v1/chat/completions", json=user())
     assert busy.status_code == 503 and busy.get_json()["error"]["type"] == "server_error"
     assert busy.headers["Retry-After"] == "5"
-    first.get_data()
     first.close()
-    assert pool.available == 1
+    assert wait_for(lambda: free(eng) == 1)
 
 
-def _tiny_real_app(tok, max_batch):
-    """serve.app over a real BatchEngine: a 1-layer random model on the fixture's tokenizer, its zero-initialised
+def _tiny_real_app(tok, max_batch, max_queue=16):
+    """serve.app over a real Engine: a 1-layer random model on the fixture's tokenizer, its zero-initialised
     output projections filled so it emits varied tokens."""
     import jax
 
@@ -673,14 +658,32 @@ def _tiny_real_app(tok, max_batch):
     params = jax.tree_util.tree_unflatten(treedef, [
         0.5 * jax.random.normal(k, x.shape, x.dtype) if x.ndim == 2 and not x.any() else x
         for k, x in zip(keys, leaves)])
-    workers = serve_app.build_workers(params, config, tok, 1, max_batch=max_batch, decode_chunk=8)
-    pool = WorkerPool(workers, max_queue=16)
-    return create_app(pool, tok, Defaults(model="tiny/d1", max_context=128)), pool
+    engine = serve_app.build_engine(params, config, tok, 1, max_batch=max_batch, decode_chunk=8, max_queue=max_queue)
+    return create_app(engine, tok, Defaults(model="tiny/d1", max_context=128)), engine
+
+
+def test_real_engine_queue_bound_gives_503_with_retry_after(tok):
+    """The engine's queue is the server's only one: its bound answers 503 + Retry-After, for both APIs."""
+    app, engine = _tiny_real_app(tok, max_batch=1, max_queue=1)
+    c = app.test_client()
+    running = engine.submit([1, 2, 3], max_tokens=120, temperature=0.0)  # holds the only slot
+    waiting = engine.submit([1, 2, 3], max_tokens=120, temperature=0.0)  # and the one place in the queue
+    for path in ("/chat/completions", "/v1/chat/completions"):
+        r = c.post(path, json=user())
+        assert r.status_code == 503 and r.headers["Retry-After"] == "5", r.get_data()
+        assert "max_queue=1" in json.dumps(r.get_json())
+    assert c.get("/stats").get_json()["requests_rejected"] == 2
+    running.cancel()
+    waiting.cancel()
+    assert wait_for(lambda: engine.busy_slots == 0 and engine.queued == 0)
+    r = post(c, {**user("hello"), "temperature": 0.0, "max_tokens": 4})
+    assert r.status_code == 200 and parse_events(r.get_data())[-1] == {"done": True}
+    engine.close()
 
 
 def test_official_openai_client_against_live_server(tok):
     openai = pytest.importorskip("openai", reason="pip install openai (a dev dependency)")
-    app, pool = _tiny_real_app(tok, max_batch=4)
+    app, engine = _tiny_real_app(tok, max_batch=4)
     server, url = serve_in_thread(app)
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
@@ -693,7 +696,7 @@ def test_official_openai_client_against_live_server(tok):
         assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
         assert choice.finish_reason in ("stop", "length")
         merged = [{"role": "user", "content": "Answer briefly.\n\nhello world"}]
-        assert full.usage.prompt_tokens == len(render_prompt(tok, merged))
+        assert full.usage.prompt_tokens == len(render(tok, merged))
         assert 0 <= full.usage.completion_tokens <= 12
         assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
 

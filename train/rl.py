@@ -29,10 +29,10 @@ from jaxchat import schedules as sched
 from jaxchat import gpu_compile
 from jaxchat import trainer as T
 from jaxchat.checkpoint import checkpoint_dir, load_model_from
-from jaxchat.common import UserError, maybe_init_distributed, print0
+from jaxchat.common import UserError, maybe_init_distributed, pow2_bucket, print0
 from jaxchat.engine import Engine
 from jaxchat.multihost import allgather, local_params
-from jaxchat.policy_gradient import compute_advantages, pass_at_k, pg_row_weights, rollout_batch, seq_bucket
+from jaxchat.policy_gradient import MIN_SEQ_BUCKET, compute_advantages, pass_at_k, pg_row_weights, rollout_batch
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Reinforcement learning on GSM8K (nanochat chat_rl)")
@@ -151,7 +151,7 @@ def main(argv=None) -> dict:
 
     def next_batch(s, params):
         """Rollouts of this process's questions of step s (which questions and every seed: functions of s)."""
-        engine = Engine(local_params(params), config, tokenizer)
+        engine = Engine(local_params(params), config, tokenizer, max_batch=args.device_batch_size)
         seqs, masks, rewards = [], [], []
         for j in range(per_rank):
             idx = questions[(s * per_rank + j) % len(questions)]
@@ -168,7 +168,7 @@ def main(argv=None) -> dict:
             masks.append(group_masks)
             rewards.append([train_task.reward(conversation, tokenizer.decode(q[len(prompt):])) for q in group_seqs])
         rewards = np.asarray(rewards, np.float32)
-        length = seq_bucket(max(len(q) for g in seqs for q in g) - 1, config.sequence_len)
+        length = pow2_bucket(max(len(q) for g in seqs for q in g) - 1, MIN_SEQ_BUCKET, config.sequence_len)
         length = int(np.max(allgather(np.array([length]))))  # every process builds the same global shape
         rows = [rollout_batch(g, m, assistant_end, length) for g, m in zip(seqs, masks)]
         x, y = np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])  # (E_local, S, L)
@@ -187,7 +187,7 @@ def main(argv=None) -> dict:
         return batch, {"reward": float(mean_reward), "sequence_length": float(mean_len)}
 
     def passk(s, params):
-        engine = Engine(local_params(params), config, tokenizer)
+        engine = Engine(local_params(params), config, tokenizer, max_batch=args.device_batch_size)
         k, outcomes = args.device_batch_size, []
         for idx in range(rank, min(args.eval_examples, len(val_task)), world):
             conversation = val_task[idx]

@@ -1,4 +1,4 @@
-"""Inference engine: slots over one KV cache, driven by three jitted programs (prefill, insert, decode chunk).
+"""Inference engine: slots over one KV cache, driven by jitted programs (prefill, insert, decode chunk; score).
 
 Sources: nanochat `nanochat/engine.py` (sampling, the calculator tool, the `generate` / `generate_batch` contract);
 MaxText `maxengine.py` (prefill, insert into a decode slot, one generate step over all slots); vLLM (continuous
@@ -15,6 +15,11 @@ args)}, lowerable on any mesh (`jitted.lower(*args)`, e.g. described GPUs); `Eng
     prefill(params, idx int32 (1, Tb), valid_len int32 (1,)) -> (prefix cache of Tb positions, logits f32 (1, V))
     insert(state, prefix, logits, slot int32 (), request) -> state          the slot overwritten; state donated
     decode(decode_params, state, ctl) -> (state, out)                       up to decode_chunk steps; state donated
+    score(params, idx int32 (B, T)) -> (token_logprobs, top values, top ids)  prompt scoring (`Engine.score`)
+
+`score` is one forward without a cache over B right-padded prompts (`jaxchat.scoring`: power-of-two buckets, the rows
+split over the mesh like the slots): each token's log-probability and the TOP_LOGPROBS most likely tokens at every
+position, as a server's echo/logprobs requests need; `warmup` does not compile its shapes (first use does).
 
 `state` (`init_state`): the KV cache and per-slot arrays, the slot axis sharded over the mesh
 (`jaxchat.sharding.ENGINE_STATE_RULES`), params replicated. `request`: one slot's settings (`_request_fields`);
@@ -50,6 +55,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxchat import backend
 from jaxchat import model as gpt
+from jaxchat import scoring
 from jaxchat import sharding as shd
 from jaxchat.calculator import use_calculator
 from jaxchat.common import pow2_bucket
@@ -262,6 +268,12 @@ def _decode(spec: _Spec, attend_len: int | None, kmax: int, logprobs: bool, para
     return state, out
 
 
+def _score(spec: _Spec, params, idx):
+    # prompt scoring (`jaxchat.scoring`): one forward over padded rows, the rows split over the mesh like the slots
+    with backend.use(spec.mesh):
+        return scoring.token_logprobs(spec.forward_fn, params, spec.config, idx, TOP_LOGPROBS)
+
+
 def _shardings(spec: _Spec):
     """(replicated, the state's, the ctl's): the slot axis split over the mesh, the rest replicated."""
     rep, slots = NamedSharding(spec.mesh, P()), NamedSharding(spec.mesh, P(shd.BATCH_AXES))
@@ -271,9 +283,12 @@ def _shardings(spec: _Spec):
 
 @functools.lru_cache(maxsize=None)
 def _program(spec: _Spec, name: str, *variant):
-    """The jitted program `name` ("init", "prefill", "insert", "decode" + (attend_len, kmax, logprobs)) of `spec`,
-    with its shardings; one object per variant, shared by every engine of the same spec."""
+    """The jitted program `name` ("init", "prefill", "insert", "decode" + (attend_len, kmax, logprobs), "score") of
+    `spec`, with its shardings; one object per variant, shared by every engine of the same spec."""
     rep, state, ctl = _shardings(spec)
+    if name == "score":
+        rows = NamedSharding(spec.mesh, P(shd.BATCH_AXES))
+        return jax.jit(functools.partial(_score, spec), in_shardings=(rep, rows), out_shardings=rows)
     if name == "init":
         return jax.jit(functools.partial(init_state, spec), out_shardings=state)
     if name == "prefill":
@@ -288,11 +303,11 @@ def _program(spec: _Spec, name: str, *variant):
 def engine_programs(config: gpt.GPTConfig, mesh: Mesh, max_batch: int, max_len: int, *, prompt_len: int,
                     decode_chunk: int = DECODE_CHUNK, attend_len: int | None = None, kmax: int = SMALL_TOP_K,
                     logprobs: bool = False) -> dict[str, tuple[Callable, tuple]]:
-    """{"prefill", "insert", "decode": (jitted, abstract args)}: the programs `Engine` runs, for `mesh` (a
+    """{"prefill", "insert", "decode", "score": (jitted, abstract args)}: the programs `Engine` runs, for `mesh` (a
     `jaxchat.sharding.make_mesh` mesh, e.g. of described GPUs; the slots split over it), max_batch slots (a
     multiple of its size) of max_len positions, a prompt of prompt_len tokens (its bucket) and the decode variant
-    (attend_len, kmax, logprobs). The args are `ShapeDtypeStruct`s with shardings: `jitted.lower(*args)` needs no
-    params or devices."""
+    (attend_len, kmax, logprobs); "score" scores max_batch prompts of prompt_len tokens (`Engine.score`). The args
+    are `ShapeDtypeStruct`s with shardings: `jitted.lower(*args)` needs no params or devices."""
     spec = _Spec(config, mesh, max_batch, max_len, decode_chunk)
     rep, _, ctl = _shardings(spec)
     abstract = lambda tree, sh=None: shd.abstract_with_shardings(tree, sh or jax.tree.map(lambda _: rep, tree))  # noqa
@@ -302,12 +317,15 @@ def engine_programs(config: gpt.GPTConfig, mesh: Mesh, max_batch: int, max_len: 
                        np.zeros((1,), np.int32)))
     prefix = abstract(jax.eval_shape(_program(spec, "prefill"), params, *prompt))
     state = jax.eval_shape(_program(spec, "init"))
+    rows = scoring.bucket_shape(max_batch, prompt_len, config.sequence_len, mesh.size)
     return {"prefill": (_program(spec, "prefill"), (params, *prompt)),
             "insert": (_program(spec, "insert"), (state, *prefix, abstract(np.int32(0)), abstract(_request_fields()))),
             "decode": (_program(spec, "decode", attend_len, kmax, logprobs),
                        (abstract(jax.eval_shape(swap_matrices, params)) if backend.decode_weights_swapped(
                            spec.platform) else params, state,
-                        abstract(_ctl_fields(spec), ctl)))}
+                        abstract(_ctl_fields(spec), ctl))),
+            "score": (_program(spec, "score"), (params, abstract(np.zeros(rows, np.int32),
+                                                                   NamedSharding(mesh, P(shd.BATCH_AXES)))))}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -502,6 +520,7 @@ class Engine:
         self._drive = threading.Lock()  # one scheduler step at a time (the thread's or a synchronous caller's)
         self._slots: list[_Slot | None] = [None] * max_batch
         self._state, self._inflight, self._thread, self._closing = None, None, None, False
+        self._scoring = threading.Lock()  # one scoring forward at a time (its logits are the largest buffer)
 
     # ------------------------------------------------------------------------------------------------ public API
     @property
@@ -557,6 +576,35 @@ class Engine:
                 self._queue.append(req)
                 self._cv.notify()
         return req
+
+    def score(self, sequences: list[list[int]], top_n: int = 0) -> list[scoring.ScoredSequence]:
+        """Per-token log-probabilities of token sequences (`jaxchat.scoring.ScoredSequence`: log p of each token
+        given those before it, the top_n most likely tokens at each position and after the last), from the "score"
+        program: one forward over all the sequences, padded to a `scoring.bucket_shape` (several forwards only when
+        rows x length would pass the KV cache's max_batch x max_len positions). Callable from any thread, beside the
+        scheduler (the model's distribution before temperature, as the logprobs variant of decode).
+        Raises TypeError / ValueError: a sequence that is not a non-empty list of ids in [0, vocab_size), longer
+        than sequence_len, or top_n outside [0, TOP_LOGPROBS]."""
+        if not 0 <= top_n <= TOP_LOGPROBS:
+            raise ValueError(f"top_n={top_n} must be in [0, {TOP_LOGPROBS}]")
+        for seq in sequences:
+            if not isinstance(seq, (list, tuple)) or not all(isinstance(t, (int, np.integer)) for t in seq):
+                raise TypeError("sequences must be lists of ints")
+            if any(t < 0 or t >= self.config.vocab_size for t in seq):
+                raise ValueError(f"token ids must be in [0, vocab_size={self.config.vocab_size})")
+        if not sequences or not all(sequences):
+            raise ValueError("scoring needs at least one sequence, each of at least one token")
+        _, T = scoring.bucket_shape(len(sequences), max(map(len, sequences)), self.config.sequence_len)
+        group = max(1, self.max_batch * self.max_len // T)
+        out = []
+        with self._scoring:
+            for start in range(0, len(sequences), group):
+                part = sequences[start:start + group]
+                shape = scoring.bucket_shape(len(part), max(map(len, part)), self.config.sequence_len,
+                                             self.num_devices)
+                lp = jax.device_get(_program(self.spec, "score")(self.params, scoring.pack(part, shape)))
+                out += scoring.unpack(part, *lp, top_n)
+        return out
 
     def start(self) -> None:
         """Start the scheduler thread, which serves every request from then on (a server's many threads)."""

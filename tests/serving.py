@@ -1,10 +1,11 @@
-"""Server test helpers: `serve_in_thread` (werkzeug's threaded server in a daemon thread) and `FakeEngine`, an
-`Engine` stand-in that streams scripted token ids, `delay` seconds per token, through the real
-`jaxchat.engine.Request` (so text, stop strings, finish reasons and token counts are the engine's own), with the
-engine's slots (`max_batch`), its queue bound (`max_queue`, QueueFull) and FIFO admission."""
+"""Server test helpers: `serve_in_thread` (the app on `serve.wsgi.Server`, waitress, as `python -m serve.app` runs
+it, in a daemon thread) and `FakeEngine`, an `Engine` stand-in that streams scripted token ids, `delay` seconds per
+token, through the real `jaxchat.engine.Request` (so text, stop strings, finish reasons and token counts are the
+engine's own), with the engine's slots (`max_batch`), its queue bound (`max_queue`, QueueFull) and FIFO admission."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections import deque
@@ -12,13 +13,44 @@ from collections import deque
 from jaxchat.engine import QueueFull, Request
 
 
-def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0):
-    """Start werkzeug's threaded server for `app` in a daemon thread; (server, url), stop with server.shutdown()."""
-    from werkzeug.serving import make_server
+def random_params(config, seed: int = 0):
+    """`init_params(config)` with the zero-initialised matrices (output projections, lm_head) filled with N(0, 0.25)
+    noise, so a tiny random model's distributions vary with the input and it emits varied tokens."""
+    import jax
 
-    server = make_server(host, port, app, threaded=True)
-    threading.Thread(target=server.serve_forever, name="serve", daemon=True).start()
-    return server, f"http://{host}:{server.server_port}"
+    from jaxchat.model import init_params
+
+    leaves, treedef = jax.tree_util.tree_flatten(init_params(config, jax.random.PRNGKey(seed)))
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+    return jax.tree_util.tree_unflatten(treedef, [
+        0.5 * jax.random.normal(k, x.shape, x.dtype) if x.ndim == 2 and not x.any() else x
+        for k, x in zip(keys, leaves)])
+
+
+def raw_status(port: int, payload: bytes, half_close: bool = False, timeout: float = 10.0) -> tuple[int, bytes]:
+    """Send raw bytes to 127.0.0.1:port (half_close: then shut our side); the response's status code and bytes (0
+    if the server closed without a word)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(payload)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while True:
+            part = sock.recv(65536)
+            if not part:
+                break
+            data += part
+    return (int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else 0), data
+
+
+def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, **settings):
+    """Serve `app` on `serve.wsgi.Server` (`settings`: its keyword arguments) in a daemon thread; (server, url),
+    stop with server.stop()."""
+    from serve.wsgi import Server
+
+    server = Server(app, host, port, **settings)
+    server.start_in_thread(shutdown_timeout=5)
+    return server, server.url
 
 
 class FakeEngine:

@@ -81,7 +81,7 @@ def server():
     app = create_app(engine, tok, Defaults(model="fake/d0"))
     srv, url = serve_in_thread(app)
     yield url, engine, tok
-    srv.shutdown()
+    srv.stop()
 
 
 def _wait(cond, timeout=15.0, what="condition"):

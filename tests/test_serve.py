@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from serving import FakeEngine, serve_in_thread
+from serving import FakeEngine, random_params, raw_status, serve_in_thread
 from serve import app as serve_app
 from serve.app import Defaults, create_app
 from serve.loadtest import run_loadtest
@@ -326,7 +326,7 @@ def test_socket_disconnect_frees_slot_on_real_server(tok):
     app, eng = make(tok, script=byte_ids("z" * 3000), delay=0.003)
     server, url = serve_in_thread(app)
     try:
-        port = server.server_port
+        port = server.port
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         conn.request("POST", "/chat/completions", body=json.dumps(user()), headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
@@ -340,7 +340,7 @@ def test_socket_disconnect_frees_slot_on_real_server(tok):
         assert wait_for(lambda: json.loads(_get(port, "/stats"))["client_disconnects"] == 1)
         assert json.loads(_get(port, "/stats"))["tokens_generated"] < 3000
     finally:
-        server.shutdown()
+        server.stop()
 
 
 def _get(port, path):
@@ -394,7 +394,7 @@ def test_many_concurrent_clients_on_real_server(tok):
     try:
         summary = run_loadtest(url, concurrency=32, num_requests=64, duration=60, max_tokens=32, timeout=30)
     finally:
-        server.shutdown()
+        server.stop()
     assert summary["errors"] == 0 and summary["ok"] == 64 and summary["requests"] == 64, summary
     assert summary["status_counts"] == {"200": 64}
     assert summary["tokens"] == 64 * len("concurrent reply é😀")
@@ -450,27 +450,36 @@ def test_main_rejects_out_of_range_defaults():
 
 def test_main_serves_a_real_checkpoint(tok, tmp_path, monkeypatch):
     """`python -m serve.app` end to end minus the socket: a tiny random checkpoint saved with jaxchat.checkpoint,
-    loaded through load_model_from, the real Engine with its slots on two devices."""
+    loaded through load_model_from (its newest step damaged: the step loaded, not the newest, names the model), the
+    real Engine with its slots on two devices, served by serve.wsgi with threads for every slot and queue place."""
     import jax
-    import werkzeug.serving
 
     from jaxchat.checkpoint import save_model
     from jaxchat.model import GPTConfig, init_params
+    from serve import wsgi
 
     monkeypatch.setenv("JAXCHAT_BASE_DIR", str(tmp_path))
     tok.save(str(tmp_path / "tokenizer"))
     config = GPTConfig(sequence_len=64, vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2, n_kv_head=2,
                        n_embd=32, window_pattern="L")
-    save_model(str(tmp_path / "chatsft_checkpoints" / "d1"), 3, init_params(config, jax.random.PRNGKey(0)), config)
+    ckpt = tmp_path / "chatsft_checkpoints" / "d1"
+    for step in (3, 5):
+        save_model(str(ckpt), step, init_params(config, jax.random.PRNGKey(0)), config)
+    meta = ckpt / "5" / "meta" / "metadata"
+    meta.write_text(meta.read_text()[:10])  # step 5 damaged: the server falls back to step 3
     served = {}
-    monkeypatch.setattr(werkzeug.serving, "run_simple", lambda host, port, app, **kw: served.update(
-        host=host, port=port, app=app, **kw))
+    monkeypatch.setattr(wsgi, "serve", lambda app, host, port, **kw: served.update(host=host, port=port, app=app,
+                                                                                   **kw))
     n = min(2, len(jax.devices()))
-    serve_app.main(["-i", "sft", "-p", "8123", "--num-devices", str(n), "-m", "8", "--max-batch", "2"])
-    assert (served["host"], served["port"], served["threaded"]) == ("127.0.0.1", 8123, True)
+    serve_app.main(["-i", "sft", "-p", "8123", "--num-devices", str(n), "-m", "8", "--max-batch", "2",
+                    "--max-queue", "5", "--idle-timeout", "30"])
+    assert (served["host"], served["port"]) == ("127.0.0.1", 8123)
+    assert served["threads"] == 2 * n + 5 + serve_app.EXTRA_THREADS and served["channel_timeout"] == 30
+    assert served["connection_limit"] == wsgi.CONNECTION_LIMIT and served["max_request_body_size"] == \
+        serve_app.MAX_BODY_BYTES
     c = served["app"].test_client()
     assert c.get("/health").get_json() == {"status": "ok", "ready": True, "model": "sft/d1@3", "replicas": n,
-                                           "available": 2 * n}  # two slots per device
+                                           "available": 2 * n}  # two slots per device; step 3, not the damaged 5
     for _ in range(2):
         r = post(c, {**user("hello world"), "temperature": 0.0})
         assert r.status_code == 200
@@ -520,7 +529,7 @@ def test_oversized_chunked_body_is_413_on_real_server(tok):
     server, _ = serve_in_thread(app)
     try:
         for path in ("/chat/completions", "/v1/chat/completions"):
-            conn = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=30)
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
             piece = b'{"messages": [{"role": "user", "content": "' + b"x" * 65536
             chunks = [piece] + [b"x" * 65536] * (serve_app.MAX_BODY_BYTES // 65536 + 2)
             conn.request("POST", path, body=iter(chunks), encode_chunked=True,
@@ -530,14 +539,14 @@ def test_oversized_chunked_body_is_413_on_real_server(tok):
             resp.read()
             conn.close()
         # a small chunked body is served as usual
-        conn = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=30)
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
         conn.request("POST", "/chat/completions", body=iter([json.dumps(user()).encode()]), encode_chunked=True,
                      headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
         resp = conn.getresponse()
         assert resp.status == 200 and parse_events(resp.read())[-1] == {"done": True}
         conn.close()
     finally:
-        server.shutdown()
+        server.stop()
     assert len(eng.calls) == 1
 
 
@@ -644,21 +653,13 @@ def test_openai_not_found_busy_and_models(tok):
 
 
 def _tiny_real_app(tok, max_batch, max_queue=16):
-    """serve.app over a real Engine: a 1-layer random model on the fixture's tokenizer, its zero-initialised
-    output projections filled so it emits varied tokens."""
-    import jax
-
-    from jaxchat.model import GPTConfig, init_params
+    """serve.app over a real Engine: a 1-layer random model on the fixture's tokenizer (`random_params`)."""
+    from jaxchat.model import GPTConfig
 
     config = GPTConfig(sequence_len=128, vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2, n_kv_head=2,
                        n_embd=32, window_pattern="L")
-    params = init_params(config, jax.random.PRNGKey(0))
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-    params = jax.tree_util.tree_unflatten(treedef, [
-        0.5 * jax.random.normal(k, x.shape, x.dtype) if x.ndim == 2 and not x.any() else x
-        for k, x in zip(keys, leaves)])
-    engine = serve_app.build_engine(params, config, tok, 1, max_batch=max_batch, decode_chunk=8, max_queue=max_queue)
+    engine = serve_app.build_engine(random_params(config), config, tok, 1, max_batch=max_batch, decode_chunk=8,
+                                    max_queue=max_queue)
     return create_app(engine, tok, Defaults(model="tiny/d1", max_context=128)), engine
 
 
@@ -722,11 +723,140 @@ def test_official_openai_client_against_live_server(tok):
             client.chat.completions.create(model="tiny/d1", messages=msgs, temperature=5)
         assert e.value.status_code == 400 and "temperature" in str(e.value)
         for _ in range(200):  # the last stream's server side ends just after the client read [DONE]
-            stats = json.loads(_get(server.server_port, "/stats"))
+            stats = json.loads(_get(server.port, "/stats"))
             if stats["requests_served"] == 4:
                 break
             time.sleep(0.02)
         assert stats["slots"] == 4 and stats["slots_free"] == 4 and stats["requests_served"] == 4, stats
         assert stats["tokens_per_sec_recent"] >= 0
     finally:
-        server.shutdown()
+        server.stop()
+
+
+# ------------------------------------------------------------------------ the production WSGI server (issue 23 §4)
+
+def test_first_event_arrives_while_the_reply_is_still_decoded(tok):
+    """On serve.wsgi (waitress, as `python -m serve.app` runs): each API's first event reaches the client while the
+    engine is still producing the reply (its slot busy), and the response names no development server."""
+    app, eng = make(tok, script=byte_ids("y" * 40), delay=0.03)
+    server, _ = serve_in_thread(app)
+    try:
+        for path, body in (("/chat/completions", user()), ("/v1/chat/completions", {**user(), "stream": True})):
+            closed = eng.closed
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+            conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            assert resp.status == 200 and resp.getheader("Server") == "jaxchat"
+            assert resp.readline().startswith(b"data: ")
+            assert free(eng) == 0 and eng.closed == closed  # 40 tokens at 30 ms: ~1.2 s still to go
+            rest = resp.read()
+            assert rest.endswith(b"data: {\"done\": true}\n\n" if path[1] == "c" else b"data: [DONE]\n\n")
+            conn.close()
+            assert wait_for(lambda: eng.closed == closed + 1)
+    finally:
+        server.stop()
+
+
+CHUNKED_HEAD = "POST {} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize("body, half_close", [(b"zz\r\n{}\r\n0\r\n\r\n", False),  # not a chunk size
+                                              (b"40\r\n{\"messages\": [", True),  # truncated, client closes
+                                              (b"40\r\n{\"messages\": [", False)])  # truncated, client goes idle
+def test_malformed_or_truncated_chunked_bodies_are_400_on_the_real_app(tok, body, half_close):
+    app, eng = make(tok)
+    server, _ = serve_in_thread(app, channel_timeout=1)
+    try:
+        for path in ("/chat/completions", "/v1/chat/completions"):
+            status, data = raw_status(server.port, CHUNKED_HEAD.format(path).encode() + body, half_close=half_close)
+            assert status == 400, data
+        assert eng.calls == []
+        r = json.loads(_get(server.port, "/stats"))  # the server serves on
+        assert r["requests_served"] == 0 and r["requests_active"] == 0
+    finally:
+        server.stop()
+
+
+def test_idle_and_slowloris_connections_do_not_stop_a_chat(tok):
+    """100 idle and 100 slowloris connections (headers trickling in) to the real app on 4 threads: a chat request is
+    still answered at once."""
+    import socket
+
+    app, _ = make(tok)
+    server, _ = serve_in_thread(app, threads=4)
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(100)]
+    slow = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(100)]
+    try:
+        for s in slow:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: 1\r\n")
+        t0 = time.monotonic()
+        for s in slow:
+            s.sendall(b"X-Slower: 1\r\n")
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(user()),
+                      headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and json.loads(resp.read())["choices"][0]["message"]["content"] == "Hello there!"
+        assert time.monotonic() - t0 < 5
+        conn.close()
+    finally:
+        for s in idle + slow:
+            s.close()
+        server.stop()
+
+
+def test_sigterm_ends_the_stream_cleanly_and_the_server_exits(tok, tmp_path):
+    """The real `python -m serve.app` on a tiny checkpoint (lm_head zero: greedy token 0 forever, a long reply):
+    SIGTERM during a stream ends it cleanly after its current chunk (chunked terminator, no done event), and the
+    process exits 0; waitress serves (Server: jaxchat), no development-server warning."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import jax
+    import jax.numpy as jnp
+
+    from jaxchat.checkpoint import save_model
+    from jaxchat.model import GPTConfig, init_params
+
+    tok.save(str(tmp_path / "tokenizer"))
+    config = GPTConfig(sequence_len=512, vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2, n_kv_head=2,
+                       n_embd=32, window_pattern="L")
+    params = init_params(config, jax.random.PRNGKey(0))
+    params["lm_head"] = jnp.zeros_like(params["lm_head"])
+    save_model(str(tmp_path / "chatsft_checkpoints" / "d1"), 1, params, config)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAXCHAT_BASE_DIR=str(tmp_path), JAXCHAT_NO_REEXEC="1",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    child = subprocess.Popen([sys.executable, "-m", "serve.app", "-i", "sft", "-p", "0", "--max-batch", "2",
+                              "--decode-chunk", "4", "-m", "4096"], env=env, cwd=root, stderr=subprocess.PIPE,
+                             text=True)
+    log = []
+    try:
+        port = None
+        while port is None:
+            line = child.stderr.readline()
+            assert line, "".join(log)
+            log.append(line)
+            if "serving on http://" in line:
+                port = int(line.rsplit(":", 1)[1])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("POST", "/chat/completions", body=json.dumps({**user(), "temperature": 0.0}),
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.getheader("Server") == "jaxchat"
+        assert resp.readline() == b'data: {"token": "\\u0000", "gpu": 0}\n'
+        child.send_signal(signal.SIGTERM)
+        rest = resp.read()  # ends with the chunked terminator: a clean end, no IncompleteRead
+        assert b'"done"' not in rest and rest.count(b"data: ") < 400  # cut short of the ~500-token reply
+        assert child.wait(60) == 0
+        log.append(child.stderr.read())
+        text = "".join(log)
+        assert "SIGTERM: stopping" in text and "stopped" in text.splitlines()[-1], text[-3000:]
+        assert "development server" not in text and "Traceback" not in text, text[-3000:]
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)

@@ -19,6 +19,7 @@ import pytest
 from flask import Flask, Response, request
 
 from serve.wsgi import STOPPING, Server
+from serving import raw_status
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,21 +109,6 @@ def _connect(server, timeout=10.0) -> socket.socket:
     return socket.create_connection(("127.0.0.1", server.port), timeout=timeout)
 
 
-def _status_of_raw(server, payload: bytes, half_close: bool = False, timeout: float = 10.0) -> tuple[int, bytes]:
-    """Send raw bytes; return the response's status code and bytes (0 if the server closed without a word)."""
-    with _connect(server, timeout) as sock:
-        sock.sendall(payload)
-        if half_close:
-            sock.shutdown(socket.SHUT_WR)
-        data = b""
-        while True:
-            part = sock.recv(65536)
-            if not part:
-                break
-            data += part
-    return (int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else 0), data
-
-
 def test_json_endpoint_and_server_header(server_factory):
     server, _ = server_factory()
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
@@ -160,7 +146,7 @@ CHUNKED = (b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application
 def test_chunked_body_is_dechunked_for_the_app(server_factory):
     server, _ = server_factory()
     body = b'4\r\n{"a"\r\n3\r\n: 1\r\n1\r\n}\r\n0\r\n\r\n'  # {"a": 1} in three chunks
-    status, data = _status_of_raw(server, CHUNKED + body, half_close=True)
+    status, data = raw_status(server.port, CHUNKED + body, half_close=True)
     assert status == 200 and json.loads(data.split(b"\r\n\r\n", 1)[1]) == {"keys": ["a"], "length": 8}
 
 
@@ -177,7 +163,7 @@ def test_malformed_or_truncated_chunked_body_is_400_and_never_reaches_the_app(se
                                                                               half_close):
     server, probe = server_factory(channel_timeout=1)
     t0 = time.monotonic()
-    status, data = _status_of_raw(server, CHUNKED + body, half_close=half_close)
+    status, data = raw_status(server.port, CHUNKED + body, half_close=half_close)
     assert status == 400, (name, data)
     assert probe.calls == 0
     assert time.monotonic() - t0 < 8  # the idle ones: channel_timeout (1 s) plus the cleanup interval

@@ -373,7 +373,7 @@ def test_rl_compile_for_that_does_not_fit_exits_with_a_suggestion(cpu_compile_fo
     assert _batch_shape(abstract_args) == (-(-32 // (2 * jax.device_count())), 2 * jax.device_count(), 2048)
 
 
-def test_infer_bench_compile_for_lowers_the_programs_an_engine_runs(cpu_compile_for, capsys, tmp_path):
+def test_infer_bench_lowers_the_programs_an_engine_runs_on_the_cpu_mesh(cpu_compile_for, capsys, tmp_path):
     from evals import infer_bench
     from jaxchat.engine import SMALL_TOP_K, Engine, _program
 

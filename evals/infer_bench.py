@@ -23,6 +23,14 @@ HEAD's card (model, device, parameters, KV bytes, the batch-1 decode ceiling, pr
 the last line is one JSON document with a `sweep` list of rows {batch_size, ttft_sec, tpot_sec, tok_per_sec,
 step_vs_batch1, mbu_percent, mfu_percent, peak_memory_bytes, decode_steps, prefill_tok_per_sec,
 ms_per_token, mbu}.
+
+`--compile-for=TARGET:HxG` runs nothing: it builds the same engine's programs (`jaxchat.engine.engine_programs`,
+the jitted objects an `Engine` of that many slots runs) on the described GPUs' mesh, the slots split over them, and
+compiles them there (`jaxchat.gpu_compile.compile_programs`): the prefill at the bench prompt's bucket and at the
+longest prompt the cache admits, and per batch size the insert of that longest prompt and the decode chunk over the
+whole cache. It prints each program's memory per GPU, then one JSON line; `--hlo-out FILE` writes FILE.<program>:
+
+    JAX_PLATFORMS=cpu python -m evals.infer_bench --compile-for=h200:1x1 --depth 20 --batch-sizes 32
 """
 
 from __future__ import annotations
@@ -39,8 +47,9 @@ import numpy as np
 
 from jaxchat import gpu_compile
 from jaxchat import model as gpt
-from jaxchat.common import compute_dtype, device_kind, get_peak_bandwidth, get_peak_flops
-from jaxchat.engine import Engine, cache_bucket
+from jaxchat.common import UserError, compute_dtype, device_kind, get_peak_bandwidth, get_peak_flops, run_cli
+from jaxchat.engine import Engine, cache_bucket, engine_programs
+from jaxchat.plan import depth_config
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,7 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("-g", "--model-tag", default=None, help="model tag (default: the largest)")
     p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the newest)")
     p.add_argument("--random-init", action="store_true", help="benchmark a randomly initialised model instead")
-    p.add_argument("--depth", type=int, default=20, help="[random-init] number of layers")
+    p.add_argument("--depth", type=int, default=20,
+                   help="[random-init, or --compile-for without a checkpoint] number of layers")
     p.add_argument("--aspect-ratio", type=int, default=64, help="[random-init] n_embd = depth * aspect_ratio")
     p.add_argument("--head-dim", type=int, default=128, help="[random-init] head dim (n_embd rounded up to it)")
     p.add_argument("--max-seq-len", type=int, default=2048, help="[random-init] sequence_len")
@@ -75,12 +85,69 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def random_init_config(args) -> gpt.GPTConfig:
-    """nanochat base_train's sizing: n_embd = depth * aspect_ratio rounded up to a multiple of head_dim, n_head =
-    n_embd / head_dim, n_kv_head = n_head."""
-    n_embd = -(-args.depth * args.aspect_ratio // args.head_dim) * args.head_dim
-    n_head = n_embd // args.head_dim
-    return gpt.GPTConfig(sequence_len=args.max_seq_len, vocab_size=args.vocab_size, n_layer=args.depth, n_head=n_head,
-                         n_kv_head=n_head, n_embd=n_embd, window_pattern=args.window_pattern)
+    """The --random-init model: nanochat base_train's sizing of --depth (`jaxchat.plan.depth_config`)."""
+    return depth_config(args.depth, args.vocab_size, sequence_len=args.max_seq_len, aspect_ratio=args.aspect_ratio,
+                        head_dim=args.head_dim, window_pattern=args.window_pattern)
+
+
+def engine_size(args, config: gpt.GPTConfig) -> tuple[int, int]:
+    """(max_len, prompt_len): each slot's cache as `serve.app` sizes it (`cache_bucket(sequence_len)`), and the
+    bench prompt's length (--prompt-len, cut to leave --decode-tokens of room in sequence_len).
+
+    Raises:
+        UserError: --decode-tokens leaves no room for a prompt.
+    """
+    prompt_len = min(args.prompt_len, config.sequence_len - args.decode_tokens)
+    if prompt_len < 1:
+        raise UserError(f"--decode-tokens={args.decode_tokens} leaves no room for a prompt in sequence_len="
+                        f"{config.sequence_len}")
+    return cache_bucket(config.sequence_len), prompt_len
+
+
+def build_programs(args, config: gpt.GPTConfig, mesh) -> dict[str, tuple]:
+    """--compile-for's programs: the jitted objects the bench's engines run on `mesh` (`engine_programs`), with
+    abstract arguments. {"prefill_t<T>": the prefill of a T-token bucket, at the bench prompt's bucket and at the
+    largest (a prompt of max_len - 1 tokens, the most a slot admits); "insert_b<B>": that largest prefix into B slots;
+    "decode_b<B>": a chunk of --decode-chunk steps over B slots attending the whole cache (the largest decode
+    shape)} as (jitted, abstract_args, batch) for `gpu_compile.compile_programs`.
+
+    Raises:
+        UserError: a --batch-sizes entry that is not a multiple of the mesh's devices (the slots split evenly).
+    """
+    max_len, prompt_len = engine_size(args, config)
+    uneven = [b for b in args.batch_sizes if b % mesh.size]
+    if uneven:
+        raise UserError(f"--batch-sizes={','.join(map(str, args.batch_sizes))}: the slots split evenly over the "
+                        f"{mesh.size} GPUs of --compile-for={args.compile_for}, so each batch size must be a multiple "
+                        f"of {mesh.size} (not {','.join(map(str, uneven))}), e.g. --batch-sizes={mesh.size * 4}")
+    prefills, programs = {}, {}
+    for n in (prompt_len, max_len - 1):
+        prefill, prefill_args = engine_programs(config, mesh, args.batch_sizes[0], max_len, prompt_len=n,
+                                                decode_chunk=args.decode_chunk)["prefill"]
+        prefills[f"prefill_t{prefill_args[1].shape[1]}"] = (prefill, prefill_args, 1)
+    for b in args.batch_sizes:
+        progs = engine_programs(config, mesh, b, max_len, prompt_len=max_len - 1, decode_chunk=args.decode_chunk)
+        programs[f"insert_b{b}"] = (*progs["insert"], b)
+        programs[f"decode_b{b}"] = (*progs["decode"], b)
+    return {**prefills, **programs}
+
+
+def compile_for(args) -> dict:
+    """--compile-for: the bench's engine programs (`build_programs`) compiled for the described GPUs; prints their
+    memory per GPU, then one JSON line (`gpu_compile.compile_programs`). Loads no weights, runs nothing."""
+    if args.random_init:
+        config, origin = random_init_config(args), "random-init"
+    else:
+        config, _, origin = gpu_compile.config_from_checkpoint(args.source, args.model_tag, args.depth, args.step)
+    mesh, target = gpu_compile.mesh_for(args.compile_for)
+    programs = build_programs(args, config, mesh)
+    max_len, prompt_len = engine_size(args, config)
+    rows = [("program", "inference engine (jaxchat.engine)"),
+            ("model", f"d{config.n_layer} n_embd {config.n_embd} seq {config.sequence_len} ({origin})"),
+            ("engine", f"{max_len} positions per slot, slots split over {mesh.size} GPUs, decode chunk "
+                       f"{args.decode_chunk}, bench prompt {prompt_len} tokens")]
+    return gpu_compile.compile_programs(programs, target, args.hlo_out, rows, program="inference engine",
+                                        model_config=config.to_dict(), max_len=max_len)
 
 
 def weight_bytes(params) -> int:
@@ -147,10 +214,8 @@ def prefill_seconds(engine: Engine, prompt: list[int]) -> float:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.compile_for:  # compile the prefill and the decode loop for described GPUs; nothing runs
-        config = random_init_config(args) if args.random_init else gpu_compile.config_from_checkpoint(
-            args.source, args.model_tag, args.depth)[0]
-        return gpu_compile.infer_bench_compile_for(args, config)
+    if args.compile_for:  # compile the engine's programs for described GPUs; nothing runs
+        return compile_for(args)
     if args.random_init:
         config = random_init_config(args)
         params = gpt.init_params(config, jax.random.PRNGKey(args.seed))
@@ -166,10 +231,7 @@ def main(argv=None) -> dict:
         from jaxchat.checkpoint import load_model_from
         params, config, _, meta = load_model_from(args.source, args.model_tag, args.step)
         source, step = args.source, meta.get("step")
-    prompt_len = min(args.prompt_len, config.sequence_len - args.decode_tokens)
-    if prompt_len < 1:
-        raise SystemExit(f"--decode-tokens={args.decode_tokens} leaves no room for a prompt in sequence_len="
-                         f"{config.sequence_len}")
+    max_len, prompt_len = engine_size(args, config)
     prompt = np.random.default_rng(args.seed).integers(0, config.vocab_size, prompt_len).tolist()
     engines = {}
 
@@ -177,7 +239,7 @@ def main(argv=None) -> dict:
         if batch_size not in engines:
             engines.clear()  # one KV cache at a time
             engines[batch_size] = Engine(params, config, max_batch=batch_size, decode_chunk=args.decode_chunk,
-                                         max_len=cache_bucket(config.sequence_len))
+                                         max_len=max_len)
         return engines[batch_size]
 
     engine = engine_of(1)
@@ -257,4 +319,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

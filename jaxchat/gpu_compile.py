@@ -15,10 +15,10 @@ or with --compile-for the described ones; then it runs them, or compiles them he
 
 This module holds only that: the described devices (`Target`, `mesh_for`), the compile-and-report step for any
 jitted program and its abstract arguments (`compile_report`; `choose_and_compile` + `print_report` for a training
-step, `compile_programs` for several), the automatic device batch (`auto_device_batch_size`), and the flags of the
-compiled programs (`add_flags`: --compile-for, --hlo-out, --fp8, --remat), with `config_from_checkpoint` (the model
-without its weights); the inference programs at the end stand in until the engine exposes its own. The target
-configs are text protos in configs/gpu_targets/<name>.txtpb (each says where its numbers come from). Compiling
+step, `compile_programs` for several: the inference engine's, `jaxchat.engine.engine_programs` via
+`evals.infer_bench`), the automatic device batch (`auto_device_batch_size`), and the flags of the compiled programs
+(`add_flags`: --compile-for, --hlo-out, --fp8, --remat), with `config_from_checkpoint` (the model without its
+weights). The programs themselves are the entry points' own; none is built here. The target configs are text protos in configs/gpu_targets/<name>.txtpb (each says where its numbers come from). Compiling
 needs the platform decisions of the described devices (bfloat16, cuDNN attention, bfloat16 embeddings):
 `jaxchat.trainer.build_step` activates its mesh and `compile_report` traces under `jaxchat.backend.use(mesh)`;
 `jax.default_backend()` stays "cpu" meanwhile.
@@ -41,7 +41,6 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 
 from jaxchat import backend
 from jaxchat import sharding as shd
@@ -346,11 +345,9 @@ def format_report(r: dict, label: str = "") -> str:
     """A few readable lines of a `compile_report` dict."""
     m, a = r["memory_gib"], r["attention"]
     head = f"{label + ' ' if label else ''}on {r['target']}:{r['hosts']}x{r['gpus_per_host']} ({r['device_kind']})"
-    fit = "fits" if r["fits"] and not r["remat_by_xla"] else ("fits only after XLA rematerialisation"
-                                                               if r["fits"] else "DOES NOT FIT")
     lines = [
         f"compiled {head} in {r['compile_seconds']:.0f} s, device batch {r['device_batch_size']}",
-        f"  memory per GPU: {m['peak']:.1f} GiB peak of {r['device_memory_gib']:.1f} GiB ({fit}) = arguments "
+        f"  memory per GPU: {m['peak']:.1f} GiB peak of {r['device_memory_gib']:.1f} GiB ({fit_word(r)}) = arguments "
         f"{m['arguments']:.1f} + temporaries {m['temporaries']:.1f} + outputs {m['outputs']:.1f} - aliased "
         f"{m['aliased']:.1f}",
         f"  attention: cuDNN flash fwd x{a['cudnn_fwd']} (windows {a['window_lengths_fwd']}), bwd x{a['cudnn_bwd']}"
@@ -365,6 +362,11 @@ def format_report(r: dict, label: str = "") -> str:
 def fits_cleanly(report: dict) -> bool:
     """The step fits device memory without XLA having to rematerialise."""
     return bool(report["fits"]) and not report["remat_by_xla"]
+
+
+def fit_word(report: dict) -> str:
+    """'fits', 'fits after XLA rematerialisation' or 'DOES NOT FIT' (a table's verdict on a compile report)."""
+    return "fits" if fits_cleanly(report) else "fits after XLA rematerialisation" if report["fits"] else "DOES NOT FIT"
 
 
 def auto_search(build: Callable[[int], tuple], target: Target | None = None, start: int = SPEEDRUN_DEVICE_BATCH,
@@ -525,9 +527,7 @@ def plan_table(rows: list[tuple[str, Any]], report: dict | None = None) -> str:
                  ("device batch size", report["device_batch_size"]),
                  ("memory per GPU (GiB)", f"arguments {m['arguments']:.2f}, temporaries {m['temporaries']:.2f}, "
                                           f"outputs {m['outputs']:.2f}, aliased {m['aliased']:.2f}"),
-                 ("peak per GPU (GiB)", f"{m['peak']:.2f} of {report['device_memory_gib']:.1f}: "
-                                        + ("fits" if fits_cleanly(report) else
-                                           "fits after XLA rematerialisation" if report["fits"] else "DOES NOT FIT")),
+                 ("peak per GPU (GiB)", f"{m['peak']:.2f} of {report['device_memory_gib']:.1f}: {fit_word(report)}"),
                  ("compile time (s)", report["compile_seconds"])]
     width = max(len(k) for k, _ in rows)
     fmt = lambda v: f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else (f"{v:.6g}" if isinstance(v, float) else str(v))  # noqa: E731
@@ -549,15 +549,16 @@ def print_report(report: dict, rows: list[tuple[str, Any]], **extra) -> dict:
 
 
 def compile_programs(programs: dict[str, tuple], target: Target, hlo_out: str | None = None,
-                     rows: list[tuple[str, Any]] = ()) -> dict:
+                     rows: list[tuple[str, Any]] = (), **extra) -> dict:
     """--compile-for of several programs (an inference engine's): each compiled for `target` (`compile_report`),
-    a table of rows and one row per program, then one JSON line.
+    a table of rows and one row per program (its memory per GPU), then one JSON line.
 
     Args:
         programs: {name: (jitted, abstract_args) or (jitted, abstract_args, device_batch_size)}, built on a mesh of
-            `target`'s devices. hlo_out: each program's optimized HLO goes to `<hlo_out>.<name>`.
+            `target`'s devices. hlo_out: each program's optimized HLO goes to `<hlo_out>.<name>`. extra: more
+            fields of the JSON line.
     Returns:
-        {target, hosts, gpus_per_host, device_memory_gib, fits, programs: {name: report}} (the JSON line).
+        {**extra, target, hosts, gpus_per_host, device_memory_gib, fits, programs: {name: report}} (the JSON line).
     Raises:
         UserError (exit 2 under run_cli): the program with the highest peak does not fit (`check_fits`).
     """
@@ -565,11 +566,16 @@ def compile_programs(programs: dict[str, tuple], target: Target, hlo_out: str | 
     for name, (jitted, abstract_args, *batch) in programs.items():
         reports[name] = compile_report(jitted, abstract_args, target, batch[0] if batch else None,
                                        hlo_out and f"{hlo_out}.{name}", label=name)
-    rows = list(rows) + [(name, f"peak {r['memory_gib']['peak']:.2f} GiB per GPU, GEMMs {r['gemms']}, "
-                                f"{r['compile_seconds']:.0f} s") for name, r in reports.items()]
+    some = next(iter(reports.values()))
+    rows = list(rows) + [("compiled for", f"{target} ({some['device_kind']}, {some['device_memory_gib']:.1f} GiB)")]
+    for name, r in reports.items():
+        m = r["memory_gib"]
+        rows.append((f"{name} (GiB per GPU)", f"peak {m['peak']:.2f} = arguments {m['arguments']:.2f} + temporaries "
+                                              f"{m['temporaries']:.2f} + outputs {m['outputs']:.2f} - aliased "
+                                              f"{m['aliased']:.2f}: {fit_word(r)}"))
     print(plan_table(rows), flush=True)
     worst = max(reports.values(), key=lambda r: r["memory_gib"]["peak"])
-    out = {"target": target.name, "hosts": target.hosts, "gpus_per_host": target.gpus_per_host,
+    out = {**extra, "target": target.name, "hosts": target.hosts, "gpus_per_host": target.gpus_per_host,
            "device_memory_gib": worst["device_memory_gib"], "fits": all(r["fits"] for r in reports.values()),
            "programs": reports}
     print_json(out)
@@ -581,67 +587,3 @@ def print_json(report: dict) -> None:
     """The report as the last stdout line (one JSON document), on process 0."""
     if jax.process_index() == 0:
         print(json.dumps(report), flush=True)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The inference programs, until the engine exposes its own (then evals.infer_bench compiles those through
-# choose_and_compile / compile_report like the training steps, and these stand-ins go)
-
-
-def build_prefill(config, mesh, prompt_len: int, max_len: int | None = None):
-    """The engine's prefill: one batch-1 forward over a right-padded prompt of `prompt_len` tokens into a fresh KV
-    cache. Returns (jitted, (params, idx, valid_len) ShapeDtypeStructs)."""
-    from jaxchat import model as gpt
-
-    with backend.use(mesh):
-        rep = shd.replicated(mesh)
-        abstract_params = gpt.param_shapes(config)
-
-        def prefill(params, idx, valid_len):
-            cache = gpt.init_kv_cache(config, 1, max_len or prompt_len)
-            return gpt.forward(params, config, idx, kv_cache=cache, valid_len=valid_len)
-
-        jitted = jax.jit(prefill, in_shardings=rep, out_shardings=rep)
-        args = (shd.abstract_with_shardings(abstract_params, jax.tree.map(lambda _: rep, abstract_params)),
-                jax.ShapeDtypeStruct((1, prompt_len), jnp.int32, sharding=rep),
-                jax.ShapeDtypeStruct((1,), jnp.int32, sharding=rep))
-    return jitted, args
-
-
-def build_decode_loop(config, mesh, batch_size: int, max_len: int | None = None, steps: int = 32):
-    """The engine's decode loop body as one jitted program: `steps` greedy tokens per row with the KV cache
-    (`jaxchat.model.forward` with a cache, the computation the engine's `lax.while_loop` repeats), weights and
-    cache donated in place. Returns (jitted, (params, cache, tokens) ShapeDtypeStructs)."""
-    from jaxchat import model as gpt
-
-    max_len = max_len or config.sequence_len
-    with backend.use(mesh):
-        rep = shd.replicated(mesh)
-        abstract_params = gpt.param_shapes(config)
-        cache = jax.eval_shape(lambda: gpt.init_kv_cache(config, batch_size, max_len))
-
-        def decode(params, cache, tok):
-            def body(carry, _):
-                cache, tok = carry
-                logits, cache = gpt.forward(params, config, tok[:, None], kv_cache=cache)
-                nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
-                return (cache, nxt), nxt
-            (cache, tok), toks = jax.lax.scan(body, (cache, tok), None, length=steps)
-            return cache, toks.T
-
-        jitted = jax.jit(decode, in_shardings=rep, out_shardings=rep, donate_argnums=(1,))
-        args = (shd.abstract_with_shardings(abstract_params, jax.tree.map(lambda _: rep, abstract_params)),
-                shd.abstract_with_shardings(cache, jax.tree.map(lambda _: rep, cache)),
-                jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=rep))
-    return jitted, args
-
-
-def infer_bench_compile_for(args, config) -> dict:
-    """evals.infer_bench --compile-for: the engine's prefill over --prompt-len and its decode loop (chunks of
-    --decode-chunk tokens) at each --batch-sizes entry, compiled for the target (`compile_programs`)."""
-    mesh, target = mesh_for(args.compile_for)
-    max_len = min(config.sequence_len, args.prompt_len + args.decode_tokens)
-    programs = {"prefill": (*build_prefill(config, mesh, args.prompt_len, max_len), 1)}
-    for b in args.batch_sizes:
-        programs[f"decode_b{b}"] = (*build_decode_loop(config, mesh, b, max_len, steps=args.decode_chunk), b)
-    return compile_programs(programs, target, args.hlo_out, [("model", f"d{config.n_layer} n_embd {config.n_embd}")])

@@ -6,7 +6,8 @@
 # - d20 pretraining (nanochat's speedrun model, device batch 16, seq 2048, synthetic tokens), bf16 and --fp8:
 #   tok/s and MFU over 20 steps after compilation (two warm-up steps untimed), peak memory (each in its own
 #   process, so each peak is its own);
-# - decode tok/s and MBU at batch 1 and 32 (evals.infer_bench on a random-init d20);
+# - decode tok/s and MBU at batch 1 and 32: evals.infer_bench on a random-init d20, which runs the server's engine
+#   (jaxchat.engine.Engine: its prefill, insert and decode-chunk programs, B slots of a full-length cache);
 # - parity: the GPU (bfloat16) loss of the tiny nanochat fixture against its CPU float32 loss (nanochat's, which
 #   tests/test_model.py matches to 1e-4), within 2 * eps(bf16) = 2^-6 relative.
 # Targets (issue #15): d20 bf16 MFU >= 50%, fp8 tok/s >= 1.2x bf16, decode MBU >= 60% at batch 1.

@@ -10,6 +10,8 @@ import functools
 import json
 import math
 import os
+import re
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -118,15 +120,107 @@ def test_optimizer_state_is_sharded_as_gpus_are_added(reports):
 
 
 @needs_plugin
-def test_sft_step_and_decode_loop_compile_for_one_h100(reports, gpu_env):
-    target = gc.parse_target("h100:1x1")
+def test_sft_step_compiles_for_one_h100(reports):
     # train.sft's step is the pretraining step (jaxchat.trainer.build_step) with SFT's data and hparams
     sft = reports(SMALL, "h100:1x1", 4)
     assert sft["fits"] and sft["attention"]["cudnn_bwd"] >= SMALL.n_layer
-    jitted, args = gc.build_decode_loop(SMALL, gc.topology_mesh(target), batch_size=32, steps=8)
-    dec = gc.compile_report(jitted, args, target, 32, label="decode")
-    assert dec["fits"] and dec["gemms"]["bf16"] > 0 and dec["gemms"]["f32"] == 0, dec["gemms"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The inference engine's programs, compiled by evals.infer_bench --compile-for
+
+BENCH_MODEL = ["--random-init", "--depth=4", "--aspect-ratio=64", "--head-dim=128", "--vocab-size=8192",
+               "--max-seq-len=512", "--prompt-len=100", "--decode-tokens=64", "--decode-chunk=8"]  # SMALL
+ENTRY_PARAM = re.compile(r"([\w.\-]+):\s*([a-z0-9]+)\[([\d,]*)\]")
+MATRIX_MOVE = re.compile(r"= (?:f32|bf16)\[(\d+),(\d+)\]\{[\d,]*\} (?:transpose|copy)\(")
+GREEDY_ARGMAX = re.compile(r"\(f32\[(\d+)\]\{0\}, s32\[\1\]\{0\}\) reduce\(.*op_name=\"jit\(_decode\)/while/body/reduce\"")
+
+
+@pytest.fixture(scope="module")
+def bench_compile(gpu_env, tmp_path_factory):
+    """(spec, batch) -> evals.infer_bench --compile-for=spec of SMALL at one batch size: (its JSON line, {program:
+    (jitted, abstract_args)} as compile_report received them, the --hlo-out prefix); each compiled once."""
+    from evals import infer_bench
+
+    @functools.lru_cache(maxsize=None)
+    def run(spec: str, batch: int) -> tuple[dict, dict, str]:
+        hlo = str(tmp_path_factory.mktemp("engine") / "engine.hlo")
+        with mock.patch.object(gc, "compile_report", wraps=gc.compile_report) as spy:
+            out = infer_bench.main(BENCH_MODEL + [f"--batch-sizes={batch}", f"--compile-for={spec}",
+                                                  f"--hlo-out={hlo}"])
+        return out, {c.kwargs["label"]: c.args[:2] for c in spy.call_args_list}, hlo
+    return run
+
+
+def _entry_params(hlo: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{parameter name: (dtype, shape)} of an optimized HLO module's ENTRY computation."""
+    line = next(line for line in hlo.splitlines() if line.startswith("ENTRY"))
+    return {n: (t, tuple(int(d) for d in dims.split(",") if d)) for n, t, dims in ENTRY_PARAM.findall(line)}
+
+
+def _nbytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+@needs_plugin
+def test_infer_bench_compiles_the_engines_own_programs_for_one_h100(bench_compile):
+    from jaxchat.engine import engine_programs
+
+    out, compiled, hlo = bench_compile("h100:1x1", 32)
+    # the bench's engine: 512 positions per slot (cache_bucket(512)); prefill at the bench prompt's bucket (100 ->
+    # 128) and at the longest prompt a slot admits (511 -> 512); insert and the whole-cache decode chunk at batch 32
+    assert list(compiled) == list(out["programs"]) == ["prefill_t128", "prefill_t512", "insert_b32", "decode_b32"]
+    mesh = gc.topology_mesh(gc.parse_target("h100:1x1"))
+    own = engine_programs(SMALL, mesh, 32, 512, prompt_len=511, decode_chunk=8)
+    for name in ("insert", "decode"):
+        assert compiled[f"{name}_b32"][0] is own[name][0], name
+    assert compiled["prefill_t512"][0] is own["prefill"][0]
+    assert compiled["prefill_t128"][1][1].shape == (1, 128) and compiled["prefill_t512"][1][1].shape == (1, 512)
+    assert out["fits"] and out["max_len"] == 512 and out["model_config"] == SMALL.to_dict()
+    for name, r in out["programs"].items():
+        assert r["fits"] and r["memory_gib"]["peak"] > 0 and os.path.getsize(f"{hlo}.{name}") > 0, name
+    dec = out["programs"]["decode_b32"]
+    # the report's arguments are the decode's inputs: the weights as stored and the 32 slots' state, bf16 cache
+    params, state, ctl = compiled["decode_b32"][1]
+    assert state["cache"]["k"].dtype == jnp.bfloat16 and state["cache"]["k"].shape == (4, 32, 512, 2, 128)
+    # the report rounds to 1e-3 GiB; XLA pads each of the ~100 buffers to at most 256 bytes (2.4e-5 GiB in all)
+    assert dec["memory_gib"]["arguments"] == pytest.approx(_nbytes((params, state, ctl)) / gc.GIB, abs=1e-3)
+    assert dec["memory_gib"]["aliased"] >= _nbytes(state["cache"]) / gc.GIB - 1e-3  # the donated state, in place
+    assert dec["gemms"]["bf16"] > 0 and dec["gemms"]["f32"] == 0, dec["gemms"]
     assert dec["collectives"] == {}
+
+
+@needs_plugin
+def test_engine_on_described_gpus_takes_the_gpu_choices_in_its_hlo(bench_compile):
+    """jaxchat.backend decides from the mesh's devices: bf16 cache and GEMMs, the weights as stored (not the CPU
+    decode's (in, out) copy, `swap_matrices`), one variadic argmax reduce (not two reductions)."""
+    _, compiled, hlo = bench_compile("h100:1x1", 32)
+    text = open(f"{hlo}.decode_b32").read()
+    entry = _entry_params(text)
+    C = SMALL.n_embd
+    fc = [v for k, v in entry.items() if "mlp____c_fc" in k]
+    assert fc and all(shape == (4 * C, C) for _, shape in fc), fc  # (out, in) as stored
+    assert compiled["decode_b32"][1][0]["h"][0]["mlp"]["c_fc"].shape == (4 * C, C)
+    assert {v for k, v in entry.items() if "cache____k" in k or "cache____v" in k} == {("bf16", (4, 32, 512, 2, 128))}
+    matrices = {tuple(x.shape) for x in jax.tree.leaves(gpt.param_shapes(SMALL)) if x.ndim == 2}
+    moved = [m.group(0) for m in MATRIX_MOVE.finditer(text)
+             if (int(m.group(1)), int(m.group(2))) in matrices | {s[::-1] for s in matrices}]
+    assert moved == [], moved  # no transposed or relaid-out copy of a weight matrix
+    assert 'op_name="jit(_decode)/while/body/reduce_min"' not in text  # the CPU's two-reduction argmax
+    assert GREEDY_ARGMAX.search(text), "the greedy token is one (value, index) reduce"
+
+
+@needs_plugin
+def test_engine_slots_split_over_eight_h100s(bench_compile):
+    one, _, _ = bench_compile("h100:1x1", 32)
+    eight, compiled, _ = bench_compile("h100:1x8", 32)
+    state = compiled["decode_b32"][1][1]
+    assert state["cache"]["k"].sharding.spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"))
+    assert eight["gpus_per_host"] == 8 and eight["fits"]
+    # per GPU: the weights (replicated) and an eighth of the 32 slots' cache
+    cache = _nbytes(state["cache"]) / gc.GIB
+    args = [r["programs"]["decode_b32"]["memory_gib"]["arguments"] for r in (one, eight)]
+    assert args[0] - args[1] == pytest.approx(cache * 7 / 8, rel=0.05), (args, cache)
 
 
 @needs_plugin
@@ -277,6 +371,36 @@ def test_rl_compile_for_that_does_not_fit_exits_with_a_suggestion(cpu_compile_fo
     assert jitted is step.fn and "weights" in abstract_args[2]
     # 8 questions x 4 samples over rows of 2 per device: ceil(32 / (2 x devices)) micro-batches
     assert _batch_shape(abstract_args) == (-(-32 // (2 * jax.device_count())), 2 * jax.device_count(), 2048)
+
+
+def test_infer_bench_lowers_the_programs_an_engine_runs_on_the_cpu_mesh(cpu_compile_for, capsys, tmp_path):
+    from evals import infer_bench
+    from jaxchat.engine import SMALL_TOP_K, Engine, _program
+
+    _, compiled = cpu_compile_for
+    n = jax.device_count()
+    argv = ["--random-init", "--depth=1", "--aspect-ratio=32", "--head-dim=32", "--vocab-size=256", "--max-seq-len=64",
+            "--window-pattern=L", "--prompt-len=8", "--decode-tokens=6", "--decode-chunk=2", "--compile-for=cpu"]
+    with pytest.raises(gc.UserError, match=rf"each batch size must be a multiple of {n} \(not 1\)"):
+        infer_bench.main(argv + [f"--batch-sizes=1,{n}"])
+    assert compiled == []  # bad flags fail before compiling
+    out = infer_bench.main(argv + [f"--batch-sizes={n}", f"--hlo-out={tmp_path / 'e.hlo'}"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(out))
+    names = ["prefill_t16", "prefill_t64", f"insert_b{n}", f"decode_b{n}"]  # cache_bucket(64) = 64 positions
+    assert list(out["programs"]) == names and all((tmp_path / f"e.hlo.{k}").stat().st_size for k in names)
+    config = infer_bench.random_init_config(infer_bench.parse_args(argv))
+    engine = Engine(gpt.init_params(config, jax.random.key(0)), config, max_batch=n, max_len=64, decode_chunk=2,
+                    devices=jax.devices())  # the bench's engine of n slots, on the same devices
+    runs = [_program(engine.spec, "prefill")] * 2 + [_program(engine.spec, "insert"),
+                                                      _program(engine.spec, "decode", None, SMALL_TOP_K, False)]
+    assert len(compiled) == 4 and all(fn is run for (fn, _), run in zip(compiled, runs))
+    params, state, _ = compiled[3][1]
+    assert state["cache"]["k"].sharding.spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"))
+    # the CPU choices, from the mesh's devices: the decode reads the (in, out) copy of the weights, float32 cache
+    assert params["h"][0]["mlp"]["c_fc"].shape == (config.n_embd, 4 * config.n_embd)
+    assert state["cache"]["k"].dtype == jnp.float32
+    assert 'op_name="jit(_decode)/while/body/reduce_min"' in (tmp_path / f"e.hlo.decode_b{n}").read_text()
+    engine.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -200,20 +200,20 @@ def _prefill(spec: _Spec, params, idx, valid_len):
 
 
 def _insert(spec: _Spec, state, prefix, logits, slot, request):
-    # Each cache entry is written along its slot axis (k, v: axis 1, the rest: axis 0, `init_kv_cache`). Positions
-    # past the prompt keep an earlier request's values: none is read before decode writes it.
-    def put(big, small, axis):
-        start = [jnp.int32(0)] * big.ndim
-        start[axis] = slot
+    # Each entry is written at the slot's rows of its first axis (one row per slot, or k and v's n_kv_head,
+    # `init_kv_cache`). Positions past the prompt keep an earlier request's values: none is read before decode
+    # writes it.
+    def put(big, small):
+        start = (slot * small.shape[0],) + (jnp.int32(0),) * (big.ndim - 1)
         return jax.lax.dynamic_update_slice(big, small.astype(big.dtype), start)
 
-    cache = {k: put(v, prefix[k], 1 if k in ("k", "v") else 0) for k, v in state["cache"].items()}
+    cache = jax.tree.map(put, state["cache"], prefix)
     settings = {k: v for k, v in request.items() if k not in ("seed", "index")}
     settings["key"] = jax.random.fold_in(request["seed"], request["index"])
-    new = {k: put(state[k], jnp.asarray(v)[None], 0) for k, v in settings.items()}
-    reset = {k: put(state[k], jnp.zeros((1,), state[k].dtype), 0)
-             for k in ("done", "step", "forced_len", "forced_ptr", "pending")}
-    return {**state, **new, **reset, "cache": cache, "logits": put(state["logits"], logits, 0)}
+    new = {k: put(state[k], jnp.asarray(v)[None]) for k, v in settings.items()}
+    reset = {k: put(state[k], jnp.zeros((1,), state[k].dtype)) for k in ("done", "step", "forced_len", "forced_ptr",
+                                                                         "pending")}
+    return {**state, **new, **reset, "cache": cache, "logits": put(state["logits"], logits)}
 
 
 def _decode(spec: _Spec, attend_len: int | None, kmax: int, logprobs: bool, params, state, ctl):
@@ -227,8 +227,12 @@ def _decode(spec: _Spec, attend_len: int | None, kmax: int, logprobs: bool, para
     if logprobs:
         out.update(logprob=jnp.zeros((B, C), jnp.float32), top_logprobs=jnp.zeros((B, C, TOP_LOGPROBS), jnp.float32),
                    top_ids=jnp.zeros((B, C, TOP_LOGPROBS), jnp.int32))
-    extra = {} if spec.forward_fn is not gpt.forward else {"attend_len": attend_len}
     swapped = backend.decode_weights_swapped(spec.platform)
+    # The loop carries the k, v positions the chunk's slots can reach (`attend_bucket`), cut once here and written
+    # back after it: attention reads all it carries, in place, and nothing copies the cache step by step.
+    full = state["cache"]
+    if attend_len is not None:
+        state["cache"] = dict(full, **{kv: [c[:, :attend_len] for c in full[kv]] for kv in ("k", "v")})
 
     def body(carry):
         state, i, out = carry
@@ -251,7 +255,7 @@ def _decode(spec: _Spec, attend_len: int | None, kmax: int, logprobs: bool, para
             out.update(logprob=put(out["logprob"], jnp.take_along_axis(lp, tok[:, None], axis=1)[:, 0]),
                        top_logprobs=put(out["top_logprobs"], top), top_ids=put(out["top_ids"], top_ids))
         weights = swap_matrices(params) if swapped else params  # inside the body: XLA folds it into the dots
-        new_logits, cache = spec.forward_fn(weights, cfg, tok[:, None], kv_cache=state["cache"], **extra)
+        new_logits, cache = spec.forward_fn(weights, cfg, tok[:, None], kv_cache=state["cache"])
         # a slot that does not emit keeps its position (k, v are written at it and rewritten when it goes on)
         cache = {k: v if k in ("k", "v") else jnp.where(live.reshape((B,) + (1,) * (v.ndim - 1)), v, state["cache"][k])
                  for k, v in cache.items()}
@@ -265,6 +269,9 @@ def _decode(spec: _Spec, attend_len: int | None, kmax: int, logprobs: bool, para
 
     with backend.use(spec.mesh):
         state, _, out = jax.lax.while_loop(cond, body, (state, jnp.int32(0), out))
+    if attend_len is not None:
+        put = lambda big, part: jax.lax.dynamic_update_slice(big, part, (0, 0, 0))  # noqa: E731
+        state["cache"] = dict(state["cache"], **{kv: list(map(put, full[kv], state["cache"][kv])) for kv in ("k", "v")})
     return state, out
 
 
@@ -701,7 +708,7 @@ class Engine:
         return _program(self.spec, "prefill")(self.params, idx, np.array([len(tokens)], np.int32))
 
     def _attend(self, hold: int) -> int | None:
-        return attend_bucket(min(hold, self.max_len), self.max_len) if self.spec.forward_fn is gpt.forward else None
+        return attend_bucket(min(hold, self.max_len), self.max_len)
 
     def _step(self) -> bool:
         """Free cancelled samples' slots, resume paused ones, admit queued requests (prefill once, insert per

@@ -170,43 +170,31 @@ softmax_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Array, window: int) -> jax.Array:
-    """Attention of T new queries per row over the first S positions of a KV cache (prefill and decode).
+    """Attention of T new queries per row over the S positions of a layer's KV cache (prefill and decode).
 
-    Einsums over grouped heads on the cache's own (B, S, K, D) layout: `jax.nn.dot_product_attention` would
-    transpose the cache on every decode step. Forward only (inference).
+    Einsums batched over (row, kv head) pairs on the cache's own (B*K, S, D) layout (`jaxchat.model.init_kv_cache`),
+    so XLA reads it in place; `jax.nn.dot_product_attention` wants (B, S, K, D) and would transpose the cache on
+    every decode step. Forward only (inference).
 
     Args:
-        q: (B, T, H, D); k, v: (B, S, K, D) with K dividing H, in q's dtype, already holding the new keys/values.
+        q: (B, T, H, D); k, v: (B*K, S, D) with K dividing H (row b's heads at b*K .. b*K+K-1), in q's dtype,
+            already holding the new keys/values.
         pos: int32 (B,): the position of each row's first query; query t of row b sits at pos[b] + t.
         window: a query at position p sees the keys at positions p-window .. p.
     Returns:
         (B, T, H, D) in q's dtype.
     """
     B, T, H, D = q.shape
-    S, K = k.shape[1], k.shape[2]
-    G = H // K
+    N, S = k.shape[0], k.shape[1]
+    K, G = N // B, H // (N // B)
     delta = (pos[:, None] + jnp.arange(T))[:, :, None] - jnp.arange(S)[None, None, :]  # (B, T, S)
     mask = (delta >= 0) & (delta <= window)
-    qg = q.reshape(B, T, K, G, D)
-    if T == 1:
-        # One token per row (decode). The cache is read as (B, S, K*D) matrices in its own layout: a batched matmul
-        # over (B, K) would first copy each layer's cache into (B, K, S, D), which costs more than the attention.
-        # Placing each head's query in its own block of a block-diagonal (K*D, K*G) matrix gives every head's
-        # scores in one plain matmul; K times the FLOPs of the scores, still tiny next to reading the cache.
-        eye = jnp.eye(K, dtype=q.dtype)
-        q_bd = (qg[:, 0, None, :, :, :] * eye[None, :, :, None, None]).transpose(0, 1, 4, 2, 3)  # (B, K', D, K, G)
-        scores = jnp.einsum("bsx,bxy->bsy", k.reshape(B, S, K * D), q_bd.reshape(B, K * D, K * G),
-                            preferred_element_type=jnp.float32) * D ** -0.5  # (B, S, K*G)
-        scores = jnp.where(mask[:, 0, :, None], scores, -jnp.inf)
-        probs = jax.nn.softmax(scores, axis=1).astype(q.dtype)
-        full = jnp.einsum("bsy,bsx->byx", probs, v.reshape(B, S, K * D)).reshape(B, K, G, K, D)
-        # The diagonal blocks: head k's own values. Static slices, not a masked sum: XLA would fuse the sum's
-        # reduce into the following c_proj matmul, where it runs slower than the matmul itself.
-        return jnp.stack([full[:, i, :, i, :] for i in range(K)], axis=1).reshape(B, 1, H, D)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * D ** -0.5
-    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, D)
+    qn = q.reshape(B, T, K, G, D).transpose(0, 2, 3, 1, 4).reshape(N, G * T, D)  # a bitcast when T == 1
+    scores = jnp.einsum("nqd,nsd->nqs", qn, k, preferred_element_type=jnp.float32) * D ** -0.5
+    scores = jnp.where(mask[:, None, None], scores.reshape(B, K, G, T, S), -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(N, G * T, S)
+    out = jnp.einsum("nqs,nsd->nqd", probs, v).reshape(B, K, G, T, D)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
 
 
 # ----------------------------------------------------------------------------------------------------------------

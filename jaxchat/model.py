@@ -44,7 +44,7 @@ from jaxchat.kernels import (cached_attention, causal_attention, linear, loss_ch
                              softcap_cross_entropy_sum, softcap_logits)
 
 Params = dict[str, Any]
-KVCache = dict[str, jax.Array]
+KVCache = dict[str, Any]  # `init_kv_cache`
 
 VE_GATE_CHANNELS = 12  # the value-embedding gate reads the first 12 channels of the block input
 SMEAR_CHANNELS = 24  # the smear gate reads the first 24 channels of the embedding
@@ -301,10 +301,9 @@ def _smear(params: Params, x: jax.Array, x_prev: jax.Array, has_prev: jax.Array)
 
 
 def _attention(block: Params, config: GPTConfig, x: jax.Array, ve: jax.Array | None, cos, sin, window: int,
-               layer_cache: tuple[jax.Array, jax.Array] | None, pos: jax.Array | None, attend_len: int | None = None,
-               fp8: bool = False):
-    """One attention sublayer. Returns (y, updated (k_cache, v_cache) or None). With a cache, keys are read from
-    its first attend_len positions (static; default all). fp8: the projections in FP8 (see `linear`)."""
+               layer_cache: tuple[jax.Array, jax.Array] | None, pos: jax.Array | None, fp8: bool = False):
+    """One attention sublayer. Returns (y, updated (k_cache, v_cache) of this layer, or None). fp8: the projections
+    in FP8 (see `linear`)."""
     B, T, _ = x.shape
     H, K, D = config.n_head, config.n_kv_head, config.head_dim
     q = linear(x, block["c_q"], fp8).reshape(B, T, H, D)
@@ -322,20 +321,21 @@ def _attention(block: Params, config: GPTConfig, x: jax.Array, ve: jax.Array | N
         y = causal_attention(q, k, v, local)
         return linear(y.reshape(B, T, H * D), block["c_proj"], fp8), None
 
-    # KV-cache path: write this chunk's k, v into the stacked cache in place (no per-layer slice-and-restack
-    # copies), then attend over the cache's first attend_len positions (`cached_attention`).
-    k_all, v_all, layer = layer_cache
+    # KV-cache path: write this chunk's k, v into the layer's cache (B*K, S, D) in place, then attend over it.
+    k_cache, v_cache = layer_cache
     if T == 1:  # decode: one scatter per cache instead of B tiny updates (each a separate op on CPU)
-        rows = jnp.arange(B)
-        k_all = k_all.at[layer, rows, pos].set(k[:, 0].astype(k_all.dtype), mode="clip", unique_indices=True)
-        v_all = v_all.at[layer, rows, pos].set(v[:, 0].astype(v_all.dtype), mode="clip", unique_indices=True)
+        heads, at = jnp.arange(B * K), jnp.repeat(pos, K)
+        k_cache = k_cache.at[heads, at].set(k.reshape(B * K, D).astype(k_cache.dtype), mode="clip",
+                                            unique_indices=True)
+        v_cache = v_cache.at[heads, at].set(v.reshape(B * K, D).astype(v_cache.dtype), mode="clip",
+                                            unique_indices=True)
     else:
         for b in range(B):  # B is static; each row writes at its own position
-            k_all = jax.lax.dynamic_update_slice(k_all, k[b][None, None].astype(k_all.dtype), (layer, b, pos[b], 0, 0))
-            v_all = jax.lax.dynamic_update_slice(v_all, v[b][None, None].astype(v_all.dtype), (layer, b, pos[b], 0, 0))
-    kc, vc = k_all[layer, :, :attend_len].astype(q.dtype), v_all[layer, :, :attend_len].astype(q.dtype)  # (B,S,K,D)
-    y = cached_attention(q, kc, vc, pos, window)
-    return linear(y.reshape(B, T, H * D), block["c_proj"]), (k_all, v_all, layer)
+            start = (b * K, pos[b], 0)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k[b].swapaxes(0, 1).astype(k_cache.dtype), start)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v[b].swapaxes(0, 1).astype(v_cache.dtype), start)
+    y = cached_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), pos, window)
+    return linear(y.reshape(B, T, H * D), block["c_proj"]), (k_cache, v_cache)
 
 
 REMAT_POLICIES = {  # --remat: what the backward pass keeps of a block's forward (the rest is recomputed)
@@ -344,15 +344,14 @@ REMAT_POLICIES = {  # --remat: what the backward pass keeps of a block's forward
 }
 
 
-def _block(block: Params, config: GPTConfig, x: jax.Array, ve, cos, sin, window: int, layer_cache, pos, attend_len,
+def _block(block: Params, config: GPTConfig, x: jax.Array, ve, cos, sin, window: int, layer_cache, pos,
            fp8: bool = False, remat: str = "none"):
     """Attention and MLP sublayers of one block, residuals included. Returns (x, layer_cache).
 
     remat ("none", "dots", "block"; full-sequence path only): `jax.checkpoint` the block with REMAT_POLICIES.
     """
     def body(x, ve, block, cos, sin):
-        y, cache = _attention(block["attn"], config, rms_norm(x), ve, cos, sin, window, layer_cache, pos, attend_len,
-                              fp8)
+        y, cache = _attention(block["attn"], config, rms_norm(x), ve, cos, sin, window, layer_cache, pos, fp8)
         x = x + y
         h = linear(rms_norm(x), block["mlp"]["c_fc"], fp8)
         return x + linear(jnp.square(jax.nn.relu(h)), block["mlp"]["c_proj"], fp8), cache
@@ -363,7 +362,7 @@ def _block(block: Params, config: GPTConfig, x: jax.Array, ve, cos, sin, window:
 
 
 def _trunk(params: Params, config: GPTConfig, idx: jax.Array, kv_cache: KVCache | None = None,
-           valid_len: jax.Array | None = None, attend_len: int | None = None, max_len: int | None = None, *,
+           valid_len: jax.Array | None = None, max_len: int | None = None, *,
            fp8: bool = False, remat: str = "none"):
     """Embedding through final norm. Returns (hidden (B, T, C) in compute dtype, new kv_cache or None).
     fp8, remat: see `loss_fn`."""
@@ -392,7 +391,8 @@ def _trunk(params: Params, config: GPTConfig, idx: jax.Array, kv_cache: KVCache 
         last_at = jnp.maximum(n_valid - 1, 0)
         last = jnp.take_along_axis(x, last_at[:, None, None], axis=1)  # (B, 1, C)
         new_cache = {"pos": pos + n_valid, "prev_embd": last.astype(kv_cache["prev_embd"].dtype),
-                     "prev_token": jnp.take_along_axis(idx, last_at[:, None], axis=1)[:, 0].astype(jnp.int32)}
+                     "prev_token": jnp.take_along_axis(idx, last_at[:, None], axis=1)[:, 0].astype(jnp.int32),
+                     "k": [], "v": []}
         x = _smear(params, x, x_prev, positions > 0)
     # Bigram rows: position 0 of a sequence has no pair. A chunk that continues a cached sequence pairs its first
     # token with the cache's prev_token, so chunked prefill and decode see the full-sequence hash (nanochat's decode
@@ -406,25 +406,20 @@ def _trunk(params: Params, config: GPTConfig, idx: jax.Array, kv_cache: KVCache 
     x0 = x
     backout_layer = config.n_layer // 2
     x_backout = None
-    if kv_cache is not None:
-        k_all, v_all = kv_cache["k"], kv_cache["v"]
     for i, block in enumerate(params["h"]):
         x = params["resid_lambdas"][i].astype(dtype) * x + params["x0_lambdas"][i].astype(dtype) * x0
         if bigram is not None:
             x = x + params["bigram_lambdas"][i].astype(dtype) * bigram
         ve = params["value_embeds"][str(i)].astype(dtype)[idx] if config.has_ve(i) else None
-        layer_cache = None if kv_cache is None else (k_all, v_all, i)
-        x, layer_cache = _block(block, config, x, ve, cos, sin, config.window_sizes[i], layer_cache, pos, attend_len,
-                                fp8, remat)
+        layer_cache = None if kv_cache is None else (kv_cache["k"][i], kv_cache["v"][i])
+        x, layer_cache = _block(block, config, x, ve, cos, sin, config.window_sizes[i], layer_cache, pos, fp8, remat)
         if layer_cache is not None:
-            k_all, v_all = layer_cache[0], layer_cache[1]
+            new_cache["k"].append(layer_cache[0])
+            new_cache["v"].append(layer_cache[1])
         if i == backout_layer:
             x_backout = x
     x = x - params["backout_lambda"].astype(dtype) * x_backout
-    x = rms_norm(x)
-    if new_cache is not None:
-        new_cache["k"], new_cache["v"] = k_all, v_all
-    return x, new_cache
+    return rms_norm(x), new_cache
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -432,7 +427,7 @@ def _trunk(params: Params, config: GPTConfig, idx: jax.Array, kv_cache: KVCache 
 
 
 def forward(params: Params, config: GPTConfig, idx: jax.Array, kv_cache: KVCache | None = None,
-            valid_len: jax.Array | None = None, attend_len: int | None = None, *, max_len: int | None = None):
+            valid_len: jax.Array | None = None, *, max_len: int | None = None):
     """Logits of the next token at every position (nanochat `GPT.forward` without targets).
 
     Args:
@@ -443,8 +438,6 @@ def forward(params: Params, config: GPTConfig, idx: jax.Array, kv_cache: KVCache
             written at positions pos .. pos+T-1 (the caller keeps pos + T <= max_len: writes past the end are clamped).
         valid_len: optional int32 (B,): how many of the T tokens are real in a right-padded prefill. The new
             'pos' is pos + valid_len and smear's previous embedding is taken at valid_len - 1. Default T.
-        attend_len: optional static int: attention reads only the cache's first attend_len positions, which must
-            hold every row's pos + T (decode cost grows with the positions read, not the cache size). Default all.
         max_len: optional static int: the longest T accepted without a cache, default sequence_len. nanochat's
             model accepts up to ROTARY_LEN_FACTOR * sequence_len (its rotary table); rotary angles here are computed
             for the actual positions, and the "long" layers keep their window of sequence_len, as nanochat's.
@@ -454,7 +447,7 @@ def forward(params: Params, config: GPTConfig, idx: jax.Array, kv_cache: KVCache
     Raises:
         ValueError: T > sequence_len (or max_len) without a cache.
     """
-    x, new_cache = _trunk(params, config, idx, kv_cache, valid_len, attend_len, max_len)
+    x, new_cache = _trunk(params, config, idx, kv_cache, valid_len, max_len)
     logits = softcap_logits(x, params["lm_head"], config.vocab_size, SOFTCAP)
     return logits if kv_cache is None else (logits, new_cache)
 
@@ -498,15 +491,22 @@ def loss_fn(params: Params, config: GPTConfig, idx: jax.Array, targets: jax.Arra
 def init_kv_cache(config: GPTConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
     """An empty KV cache with static shapes.
 
-    Returns a dict: 'k', 'v' (n_layer, batch_size, max_len, n_kv_head, head_dim) in `dtype` (default the compute
-    dtype); 'pos' (batch_size,) int32 zeros; 'prev_embd' (batch_size, 1, n_embd), the last token's normalised
-    embedding that smear needs when decoding; 'prev_token' (batch_size,) int32, the last token id, which the
-    bigram hash needs when decoding (present whether or not the model has bigram embeddings). Every key but 'k' and
-    'v' has its batch axis first.
+    Returns a dict: 'k', 'v' lists of n_layer arrays (batch_size * n_kv_head, max_len, head_dim) in `dtype`
+    (default the compute dtype), row b's heads at b * n_kv_head ...; 'pos' (batch_size,) int32 zeros; 'prev_embd'
+    (batch_size, 1, n_embd), the last token's normalised embedding that smear needs when decoding; 'prev_token'
+    (batch_size,) int32, the last token id, which the bigram hash needs when decoding (present whether or not the
+    model has bigram embeddings). Every array has its rows first. A cache whose k, v hold fewer positions than
+    max_len (cut by the caller) serves as well while every row's pos + T fits in it.
+
+    Layout: one array per layer, because XLA copies a slice of a stacked (n_layer, ...) array before a matmul reads
+    it (on CPU, every layer of every decode step); (row, head) pairs on one axis before the positions, so that the
+    attention matmuls batch over them on the cache as stored (a separate row axis of size 1 made XLA copy and
+    transpose the cache at batch 1).
     """
     dtype = dtype or compute_dtype()
-    shape = (config.n_layer, batch_size, max_len, config.n_kv_head, config.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "pos": jnp.zeros((batch_size,), jnp.int32),
+    shape = (batch_size * config.n_kv_head, max_len, config.head_dim)
+    return {"k": [jnp.zeros(shape, dtype) for _ in range(config.n_layer)],
+            "v": [jnp.zeros(shape, dtype) for _ in range(config.n_layer)], "pos": jnp.zeros((batch_size,), jnp.int32),
             "prev_embd": jnp.zeros((batch_size, 1, config.n_embd), dtype),
             "prev_token": jnp.zeros((batch_size,), jnp.int32)}
 

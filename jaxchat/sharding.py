@@ -57,11 +57,10 @@ OPT_STATE_RULES: tuple[tuple[str, P], ...] = (
     (r".*", P()),
 )
 
-# The inference engine's slot state (`jaxchat.engine.init_state`, paths 'cache/k', 'logits', ...): every slot's
-# rows on one device, the slot axis split over every device. The KV cache's 'k' and 'v' are (n_layer, slots, ...);
-# every other entry has the slot axis first (`jaxchat.model.init_kv_cache`). Params are replicated.
+# The inference engine's slot state (`jaxchat.engine.init_state`, paths 'cache/k/0', 'logits', ...): every slot's
+# rows on one device, the slot axis (first in every entry, `jaxchat.model.init_kv_cache`'s too) split over every
+# device. Params are replicated.
 ENGINE_STATE_RULES: tuple[tuple[str, P], ...] = (
-    (r"(^|/)cache/(k|v)$", P(None, BATCH_AXES)),
     (r".*", P(BATCH_AXES)),
 )
 

@@ -496,8 +496,8 @@ def test_tool_use_and_stop_per_slot():
 
 
 def test_slot_insert_follows_the_cache_layout(tiny_params, monkeypatch):
-    """Every cache entry is written into its slot along its batch axis (`jaxchat.model.init_kv_cache`: k, v on
-    axis 1, the rest on axis 0), including entries the engine does not know (a bigram model's 'prev_token')."""
+    """Every cache entry is written into its slot along its batch axis (`jaxchat.model.init_kv_cache`: the first),
+    including entries the engine does not know (a bigram model's 'prev_token')."""
     real_init = gpt.init_kv_cache
 
     def init_with_extra(config, batch_size, max_len, dtype=None):  # an entry the engine has never heard of
@@ -552,7 +552,7 @@ def test_sharded_engine_equals_single_device(tiny_params):
         engine = Engine(tiny_params, TINY, max_batch=8, max_len=96, decode_chunk=8, devices=devices)
         reqs = [engine.submit(p, max_tokens=20, temperature=0.0) for p in prompts]  # two wait for a slot
         outs.append([[o.token for o in r] for r in reqs])
-        assert len(engine._state["cache"]["k"].sharding.device_set) == len(devices)
+        assert all(len(k.sharding.device_set) == len(devices) for k in engine._state["cache"]["k"])
         engine.close()
     assert outs[0] == outs[1]
     assert outs[0][2] == naive_greedy(tiny_params, TINY, prompts[2], 20)
@@ -564,7 +564,7 @@ def test_sharded_engine_equals_single_device(tiny_params):
     assert progs["decode"][0] is _program(engine.spec, "decode", None, SMALL_TOP_K, False)
     assert progs["prefill"][1][1].shape == (1, 32)  # the prompt's bucket
     state = progs["insert"][1][0]
-    assert state["cache"]["k"].sharding.spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"))
+    assert all(k.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp")) for k in state["cache"]["k"])
     for name, (fn, args) in progs.items():
         assert fn.lower(*args).compile() is not None, name
 

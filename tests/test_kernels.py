@@ -142,14 +142,15 @@ def test_causal_attention_falls_back_when_cudnn_refuses():
 @pytest.mark.parametrize("window", [5, 24])
 def test_cached_attention_matches_full_sequence_attention(window):
     # A prefill from position 0 over a cache holding exactly the sequence, and single-token decodes at positions
-    # 7 and 23 of it, give the rows of full-sequence attention (the decode path's block-diagonal trick included).
+    # 7 and 23 of it, give the rows of full-sequence attention.
     q, k, v = _qkv(1)
 
     @jax.jit
     def prefill_and_decodes(q, k, v):
         pos = lambda t: jnp.full((2,), t, jnp.int32)  # noqa: E731
-        return (_plain_attention(q, k, v, window), kernels.cached_attention(q, k, v, pos(0), window),
-                [kernels.cached_attention(q[:, t:t + 1], k, v, pos(t), window) for t in (7, 23)])
+        kc, vc = (a.swapaxes(1, 2).reshape(-1, a.shape[1], a.shape[3]) for a in (k, v))  # the cache's (B*K, S, D)
+        return (_plain_attention(q, k, v, window), kernels.cached_attention(q, kc, vc, pos(0), window),
+                [kernels.cached_attention(q[:, t:t + 1], kc, vc, pos(t), window) for t in (7, 23)])
 
     full, prefill, decodes = prefill_and_decodes(q, k, v)
     n = 2 * q.shape[1] + q.shape[-1]

@@ -119,19 +119,32 @@ def test_kv_cache_prefill_and_decode_match_full_forward():
     assert cache["pos"].tolist() == [64, 64]
 
 
-def test_kv_cache_attend_len_reads_only_the_filled_positions():
-    # Decoding into a 128-position cache while attending to its first 32 or 64 positions gives the nanochat logits
-    # of the full forward, and the same cache: attend_len only narrows what attention reads.
+def test_kv_cache_cut_to_the_filled_positions():
+    # Decoding with the k, v of a 128-position cache cut to their first 32 or 64 positions (as the engine's decode
+    # chunks carry them), each result written back, gives the nanochat logits of the full forward and the same
+    # cache: the cut only narrows what attention reads.
     d = SCENARIOS[1]
     params = load_scenario(d)
     io = np.load(os.path.join(d, "io.npz"))
     idx = jnp.asarray(io["idx"])
-    step = jax.jit(forward, static_argnums=(1, 5))
-    logits, cache = step(params, TINY, idx[:, :24], init_kv_cache(TINY, 2, 128), None, 32)
-    outs, ref_cache = [logits], step(params, TINY, idx[:, :24], init_kv_cache(TINY, 2, 128), None, None)[1]
+    step = jax.jit(forward, static_argnums=1)
+
+    def cut(cache, n):
+        return dict(cache, k=[c[:, :n] for c in cache["k"]], v=[c[:, :n] for c in cache["v"]])
+
+    def write_back(cache, part):
+        put = lambda c, p: c.at[:, :p.shape[1]].set(p)  # noqa: E731
+        return dict(part, k=list(map(put, cache["k"], part["k"])), v=list(map(put, cache["v"], part["v"])))
+
+    cache = init_kv_cache(TINY, 2, 128)
+    logits, part = step(params, TINY, idx[:, :24], cut(cache, 32))
+    cache = write_back(cache, part)
+    outs, ref_cache = [logits], step(params, TINY, idx[:, :24], init_kv_cache(TINY, 2, 128))[1]
     for t in range(24, 40):
-        logits, cache = step(params, TINY, idx[:, t:t + 1], cache, None, 32 if t < 32 else 64)
-        ref_cache = step(params, TINY, idx[:, t:t + 1], ref_cache, None, None)[1]
+        logits, part = step(params, TINY, idx[:, t:t + 1], cut(cache, 32 if t < 32 else 64))
+        assert part["k"][0].shape[1] == (32 if t < 32 else 64)
+        cache = write_back(cache, part)
+        ref_cache = step(params, TINY, idx[:, t:t + 1], ref_cache)[1]
         outs.append(logits)
     # attending to 32 or 64 instead of 128 positions only shortens the softmax sums over masked (zero) terms
     assert_close(np.concatenate([np.asarray(o) for o in outs], 1), io["logits"][:, :40], F32,

@@ -27,8 +27,8 @@ position, as a server's echo/logprobs requests need; `warmup` does not compile i
 and step: the token (-1: none), the mask (1 sampled, 0 forced) and, in the `logprobs=True` variant, its
 log-probability and the top TOP_LOGPROBS. Prompts are padded to power-of-two buckets and a chunk attends only to
 the positions its slots reach (`attend_bucket`), so `Engine.warmup()` compiles every shape a request can meet.
-Platform choices follow the mesh (`jaxchat.backend`): on CPU, weights stored (in, out) for decode
-(`swap_matrices`) and argmax as two reductions.
+Platform choices follow the mesh (`jaxchat.backend`): decode reads its own copy of the weights (`decode_weights`:
+on CPU stored (in, out), on GPU in bfloat16), and on CPU argmax is two reductions.
 
 Host side: `Engine.submit` queues a request (bounded: `QueueFull`) and returns a `Request` yielding `Output`s: the
 token, its mask, the text it adds (whole characters, cut at a stop string, what may begin one held back), logprobs
@@ -96,6 +96,15 @@ def attend_bucket(n: int, max_len: int) -> int | None:
     return None if size >= max_len else size
 
 
+def _map_matrices(fn, params):
+    """fn applied to every 2-D leaf except the embedding tables (wte, value_embeds, bigram_embed): the matrices
+    that `jaxchat.kernels.linear` reads."""
+    def one(path, x):
+        keys = {getattr(k, "key", None) for k in path}
+        return fn(x) if x.ndim == 2 and not keys & {"wte", "value_embeds", "bigram_embed"} else x
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
 def swap_matrices(params):
     """Transpose every 2-D leaf except the embedding tables (wte, value_embeds, bigram_embed); its own inverse.
 
@@ -103,10 +112,18 @@ def swap_matrices(params):
     loop body, where XLA folds the transpose into the dot, and at a few rows per matmul the (in, out) layout is the
     faster one on CPU.
     """
-    def swap(path, x):
-        keys = {getattr(k, "key", None) for k in path}
-        return x.T if x.ndim == 2 and not keys & {"wte", "value_embeds", "bigram_embed"} else x
-    return jax.tree_util.tree_map_with_path(swap, params)
+    return _map_matrices(lambda x: x.T, params)
+
+
+def decode_weights(params, platform: str):
+    """The copy of the weights the decode program reads on `platform`: on CPU the (in, out) layout
+    (`swap_matrices`); elsewhere the matrices in the compute dtype (bfloat16 on GPU, as nanochat serves its bf16
+    checkpoints), which `linear` casts them to anyway, so a decode step reads half the bytes and gives the same
+    logits. Prefill and scoring read `params` as stored."""
+    if backend.decode_weights_swapped(platform):
+        return swap_matrices(params)
+    dtype = backend.compute_dtype(platform)
+    return _map_matrices(lambda x: x.astype(dtype), params)
 
 
 def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
@@ -328,9 +345,8 @@ def engine_programs(config: gpt.GPTConfig, mesh: Mesh, max_batch: int, max_len: 
     return {"prefill": (_program(spec, "prefill"), (params, *prompt)),
             "insert": (_program(spec, "insert"), (state, *prefix, abstract(np.int32(0)), abstract(_request_fields()))),
             "decode": (_program(spec, "decode", attend_len, kmax, logprobs),
-                       (abstract(jax.eval_shape(swap_matrices, params)) if backend.decode_weights_swapped(
-                           spec.platform) else params, state,
-                        abstract(_ctl_fields(spec), ctl))),
+                       (abstract(jax.eval_shape(functools.partial(decode_weights, platform=spec.platform), params)),
+                        state, abstract(_ctl_fields(spec), ctl))),
             "score": (_program(spec, "score"), (params, abstract(np.zeros(rows, np.int32),
                                                                    NamedSharding(mesh, P(shd.BATCH_AXES)))))}
 
@@ -520,8 +536,7 @@ class Engine:
         self.max_batch, self.max_len, self.num_devices = max_batch, self.spec.max_len, len(devices)
         self.cache_dtype = backend.compute_dtype(self.spec.platform)
         self.params = jax.device_put(params, NamedSharding(mesh, P()))
-        self.decode_params = swap_matrices(self.params) if backend.decode_weights_swapped(self.spec.platform) \
-            else self.params
+        self.decode_params = decode_weights(self.params, self.spec.platform)
         self._queue: deque[Request] = deque()
         self._cv = threading.Condition()  # guards the queue and the thread's start and stop
         self._drive = threading.Lock()  # one scheduler step at a time (the thread's or a synchronous caller's)

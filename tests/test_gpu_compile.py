@@ -193,15 +193,20 @@ def test_infer_bench_compiles_the_engines_own_programs_for_one_h100(bench_compil
 
 @needs_plugin
 def test_engine_on_described_gpus_takes_the_gpu_choices_in_its_hlo(bench_compile):
-    """jaxchat.backend decides from the mesh's devices: bf16 cache and GEMMs, the weights as stored (not the CPU
-    decode's (in, out) copy, `swap_matrices`), one variadic argmax reduce (not two reductions)."""
+    """jaxchat.backend decides from the mesh's devices: bf16 cache and GEMMs, the weights in the layout stored (not
+    the CPU decode's (in, out) copy, `swap_matrices`) but in bfloat16 (`decode_weights`: no float32 read and convert
+    per step), one variadic argmax reduce (not two reductions)."""
     _, compiled, hlo = bench_compile("h100:1x1", 32)
     text = open(f"{hlo}.decode_b32").read()
     entry = _entry_params(text)
     C = SMALL.n_embd
     fc = [v for k, v in entry.items() if "mlp____c_fc" in k]
-    assert fc and all(shape == (4 * C, C) for _, shape in fc), fc  # (out, in) as stored
+    assert fc and all(shape == (4 * C, C) and dtype == "bf16" for dtype, shape in fc), fc  # (out, in) as stored
     assert compiled["decode_b32"][1][0]["h"][0]["mlp"]["c_fc"].shape == (4 * C, C)
+    decode_weights = compiled["decode_b32"][1][0]
+    assert {x.dtype for x in jax.tree.leaves([decode_weights["lm_head"], decode_weights["h"]]) if x.ndim == 2} == {
+        jnp.dtype(jnp.bfloat16)}
+    assert not re.search(rf"= bf16\[{4 * C},{C}\]\{{[\d,]*\}} convert\(", text)  # no per-step cast of a weight
     assert {v for k, v in entry.items() if "cache____k" in k or "cache____v" in k} == {("bf16", (32 * 2, 512, 128))}
     matrices = {tuple(x.shape) for x in jax.tree.leaves(gpt.param_shapes(SMALL)) if x.ndim == 2}
     moved = [m.group(0) for m in MATRIX_MOVE.finditer(text)

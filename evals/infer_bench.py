@@ -48,7 +48,7 @@ import numpy as np
 from jaxchat import gpu_compile
 from jaxchat import model as gpt
 from jaxchat.common import UserError, compute_dtype, device_kind, get_peak_bandwidth, get_peak_flops, run_cli
-from jaxchat.engine import Engine, cache_bucket, engine_programs
+from jaxchat.engine import MAX_TOP_K, Engine, cache_bucket, engine_programs
 from jaxchat.plan import depth_config
 
 
@@ -109,7 +109,9 @@ def build_programs(args, config: gpt.GPTConfig, mesh) -> dict[str, tuple]:
     abstract arguments. {"prefill_t<T>": the prefill of a T-token bucket, at the bench prompt's bucket and at the
     largest (a prompt of max_len - 1 tokens, the most a slot admits); "insert_b<B>": that largest prefix into B slots;
     "decode_b<B>": a chunk of --decode-chunk steps over B slots attending the whole cache (the largest decode
-    shape)} as (jitted, abstract_args, batch) for `gpu_compile.compile_programs`.
+    shape); "decode_logprobs_b<B>": the same in the variant a request with logprobs or a top_k above SMALL_TOP_K
+    runs; "score_b<B>": prompt scoring (`Engine.score`) of B prompts of that longest length} as (jitted,
+    abstract_args, batch) for `gpu_compile.compile_programs`.
 
     Raises:
         UserError: a --batch-sizes entry that is not a multiple of the mesh's devices (the slots split evenly).
@@ -129,6 +131,10 @@ def build_programs(args, config: gpt.GPTConfig, mesh) -> dict[str, tuple]:
         progs = engine_programs(config, mesh, b, max_len, prompt_len=max_len - 1, decode_chunk=args.decode_chunk)
         programs[f"insert_b{b}"] = (*progs["insert"], b)
         programs[f"decode_b{b}"] = (*progs["decode"], b)
+        programs[f"decode_logprobs_b{b}"] = (*engine_programs(
+            config, mesh, b, max_len, prompt_len=max_len - 1, decode_chunk=args.decode_chunk, kmax=MAX_TOP_K,
+            logprobs=True)["decode"], b)
+        programs[f"score_b{b}"] = (*progs["score"], b)
     return {**prefills, **programs}
 
 

@@ -164,16 +164,21 @@ def _nbytes(tree) -> int:
 
 @needs_plugin
 def test_infer_bench_compiles_the_engines_own_programs_for_one_h100(bench_compile):
-    from jaxchat.engine import engine_programs
+    from jaxchat.engine import MAX_TOP_K, engine_programs
 
     out, compiled, hlo = bench_compile("h100:1x1", 32)
     # the bench's engine: 512 positions per slot (cache_bucket(512)); prefill at the bench prompt's bucket (100 ->
-    # 128) and at the longest prompt a slot admits (511 -> 512); insert and the whole-cache decode chunk at batch 32
-    assert list(compiled) == list(out["programs"]) == ["prefill_t128", "prefill_t512", "insert_b32", "decode_b32"]
+    # 128) and at the longest prompt a slot admits (511 -> 512); insert, the whole-cache decode chunk (both its
+    # variants) and the scoring of 32 longest prompts at batch 32
+    assert list(compiled) == list(out["programs"]) == ["prefill_t128", "prefill_t512", "insert_b32", "decode_b32",
+                                                       "decode_logprobs_b32", "score_b32"]
     mesh = gc.topology_mesh(gc.parse_target("h100:1x1"))
     own = engine_programs(SMALL, mesh, 32, 512, prompt_len=511, decode_chunk=8)
-    for name in ("insert", "decode"):
+    for name in ("insert", "decode", "score"):
         assert compiled[f"{name}_b32"][0] is own[name][0], name
+    wide = engine_programs(SMALL, mesh, 32, 512, prompt_len=511, decode_chunk=8, kmax=MAX_TOP_K, logprobs=True)
+    assert compiled["decode_logprobs_b32"][0] is wide["decode"][0] is not own["decode"][0]
+    assert compiled["score_b32"][1][1].shape == (32, 512)
     assert compiled["prefill_t512"][0] is own["prefill"][0]
     assert compiled["prefill_t128"][1][1].shape == (1, 128) and compiled["prefill_t512"][1][1].shape == (1, 512)
     assert out["fits"] and out["max_len"] == 512 and out["model_config"] == SMALL.to_dict()
@@ -381,7 +386,7 @@ def test_rl_compile_for_that_does_not_fit_exits_with_a_suggestion(cpu_compile_fo
 
 def test_infer_bench_lowers_the_programs_an_engine_runs_on_the_cpu_mesh(cpu_compile_for, capsys, tmp_path):
     from evals import infer_bench
-    from jaxchat.engine import SMALL_TOP_K, Engine, _program
+    from jaxchat.engine import MAX_TOP_K, SMALL_TOP_K, Engine, _program
 
     _, compiled = cpu_compile_for
     n = jax.device_count()
@@ -392,14 +397,17 @@ def test_infer_bench_lowers_the_programs_an_engine_runs_on_the_cpu_mesh(cpu_comp
     assert compiled == []  # bad flags fail before compiling
     out = infer_bench.main(argv + [f"--batch-sizes={n}", f"--hlo-out={tmp_path / 'e.hlo'}"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(out))
-    names = ["prefill_t16", "prefill_t64", f"insert_b{n}", f"decode_b{n}"]  # cache_bucket(64) = 64 positions
+    names = ["prefill_t16", "prefill_t64", f"insert_b{n}", f"decode_b{n}", f"decode_logprobs_b{n}",
+             f"score_b{n}"]  # cache_bucket(64) = 64 positions
     assert list(out["programs"]) == names and all((tmp_path / f"e.hlo.{k}").stat().st_size for k in names)
     config = infer_bench.random_init_config(infer_bench.parse_args(argv))
     engine = Engine(gpt.init_params(config, jax.random.key(0)), config, max_batch=n, max_len=64, decode_chunk=2,
                     devices=jax.devices())  # the bench's engine of n slots, on the same devices
     runs = [_program(engine.spec, "prefill")] * 2 + [_program(engine.spec, "insert"),
-                                                      _program(engine.spec, "decode", None, SMALL_TOP_K, False)]
-    assert len(compiled) == 4 and all(fn is run for (fn, _), run in zip(compiled, runs))
+                                                      _program(engine.spec, "decode", None, SMALL_TOP_K, False),
+                                                      _program(engine.spec, "decode", None, MAX_TOP_K, True),
+                                                      _program(engine.spec, "score")]
+    assert len(compiled) == 6 and all(fn is run for (fn, _), run in zip(compiled, runs))
     params, state, _ = compiled[3][1]
     assert all(k.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp")) for k in state["cache"]["k"])
     # the CPU choices, from the mesh's devices: the decode reads the (in, out) copy of the weights, float32 cache

@@ -157,7 +157,7 @@ def compile_for(args) -> dict:
 
 
 def weight_bytes(params) -> int:
-    """Bytes of the parameters as stored (a decode step reads all of them)."""
+    """Bytes of a params pytree: of `Engine.decode_params`, what a decode step reads (bfloat16 matrices on GPU)."""
     return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
 
 
@@ -254,7 +254,7 @@ def main(argv=None) -> dict:
     peak_bw = get_peak_bandwidth(kind)
     peak_flops = get_peak_flops(kind)
     peak_flops = None if peak_flops == float("inf") else peak_flops
-    w_bytes = weight_bytes(params)
+    w_bytes = weight_bytes(engine.decode_params)  # the copy decode reads (`jaxchat.engine.decode_weights`)
     num_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     context_mid = prompt_len + args.decode_tokens // 2
     kv_bytes = kv_read_bytes(config, context_mid, engine.cache_dtype)
@@ -269,7 +269,7 @@ def main(argv=None) -> dict:
           f"{'unknown' if peak_flops is None else f'{peak_flops/1e12:.0f} TFLOPS'} | compute dtype "
           f"{compute_dtype().name}, cache dtype {engine.cache_dtype.name}")
     print("-" * 100)
-    print(f"Parameters: {num_params:,} | weight bytes as stored: {w_bytes/2**20:.1f} MiB")
+    print(f"Parameters: {num_params:,} | weight bytes read per decode step: {w_bytes/2**20:.1f} MiB")
     print(f"KV cache: {kv_store:,} bytes/token stored | {kv_bytes:,} bytes read/step at context {context_mid} "
           f"(window pattern {config.window_pattern})")
     print(f"Theoretical decode ceiling at batch 1: {'unknown' if ceiling is None else f'{ceiling:,.0f} tok/s'} | "

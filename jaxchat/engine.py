@@ -567,11 +567,7 @@ class Engine:
         step; stop: strings ending a sample's text; logprobs: None or N <= TOP_LOGPROBS (each output's
         log-probability and top N); stop_token_ids default <|assistant_end|>, <|bos|> (none without a tokenizer).
         Raises TypeError / ValueError (bad arguments, a prompt leaving no room), QueueFull."""
-        if not isinstance(tokens, (list, tuple)) or not tokens or \
-                not all(isinstance(t, (int, np.integer)) for t in tokens):
-            raise TypeError("tokens must be a non-empty list of ints")
-        if any(t < 0 or t >= self.config.vocab_size for t in tokens):
-            raise ValueError(f"token ids must be in [0, vocab_size={self.config.vocab_size})")
+        self._check_ids(tokens, "tokens")
         for name, value, ok in (("n", n, n >= 1), ("max_tokens", max_tokens, max_tokens is None or max_tokens >= 0),
                                 ("temperature", temperature, temperature >= 0), ("top_p", top_p, 0 < top_p <= 1),
                                 ("top_k", top_k, top_k is None or top_k >= 0),
@@ -609,13 +605,10 @@ class Engine:
         than sequence_len, or top_n outside [0, TOP_LOGPROBS]."""
         if not 0 <= top_n <= TOP_LOGPROBS:
             raise ValueError(f"top_n={top_n} must be in [0, {TOP_LOGPROBS}]")
-        for seq in sequences:
-            if not isinstance(seq, (list, tuple)) or not all(isinstance(t, (int, np.integer)) for t in seq):
-                raise TypeError("sequences must be lists of ints")
-            if any(t < 0 or t >= self.config.vocab_size for t in seq):
-                raise ValueError(f"token ids must be in [0, vocab_size={self.config.vocab_size})")
         if not sequences or not all(sequences):
             raise ValueError("scoring needs at least one sequence, each of at least one token")
+        for seq in sequences:
+            self._check_ids(seq, "sequences")
         _, T = scoring.bucket_shape(len(sequences), max(map(len, sequences)), self.config.sequence_len)
         group = max(1, self.max_batch * self.max_len // T)
         out = []
@@ -688,6 +681,12 @@ class Engine:
             self._cv.notify()
         if thread is not None:
             thread.join(timeout=10)
+
+    def _check_ids(self, ids, what: str) -> None:
+        if not isinstance(ids, (list, tuple)) or not ids or not all(isinstance(t, (int, np.integer)) for t in ids):
+            raise TypeError(f"{what} must be non-empty lists of ints")
+        if any(t < 0 or t >= self.config.vocab_size for t in ids):
+            raise ValueError(f"{what}: token ids must be in [0, vocab_size={self.config.vocab_size})")
 
     # ----------------------------------------------------------------------------------------------- scheduling
     def _pump(self) -> bool:

@@ -18,10 +18,11 @@ jitted program and its abstract arguments (`compile_report`; `choose_and_compile
 step, `compile_programs` for several: the inference engine's, `jaxchat.engine.engine_programs` via
 `evals.infer_bench`), the automatic device batch (`auto_device_batch_size`), and the flags of the compiled programs
 (`add_flags`: --compile-for, --hlo-out, --fp8, --remat), with `config_from_checkpoint` (the model without its
-weights). The programs themselves are the entry points' own; none is built here. The target configs are text protos in configs/gpu_targets/<name>.txtpb (each says where its numbers come from). Compiling
-needs the platform decisions of the described devices (bfloat16, cuDNN attention, bfloat16 embeddings):
-`jaxchat.trainer.build_step` activates its mesh and `compile_report` traces under `jaxchat.backend.use(mesh)`;
-`jax.default_backend()` stays "cpu" meanwhile.
+weights). The programs themselves are the entry points' own; none is built here. The target configs are text
+protos in configs/gpu_targets/<name>.txtpb (each says where its numbers come from). Compiling needs the platform
+decisions of the described devices (bfloat16, cuDNN attention, bfloat16 embeddings): `jaxchat.trainer.build_step`
+activates its mesh and `compile_report` traces under `jaxchat.backend.use(mesh)`; `jax.default_backend()` stays
+"cpu" meanwhile.
 """
 
 from __future__ import annotations
